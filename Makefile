@@ -1,0 +1,51 @@
+# Every target installs what it needs first, so each works from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SHARDS ?= sample
+PROFILE ?= default
+OUT ?= data/labels/$(SHARDS)
+STEPS ?=
+NPROC ?= 2
+TSV ?=
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: install sample test pseudolabel train preview bench download clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml (they only import as a pair)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+data/sample/00001_stats.json: pipeline/sample.py | $(VENV)/.installed
+	$(PY) -m pipeline.sample --out data/sample
+
+sample: data/sample/00001_stats.json
+
+test: install
+	$(OFFLINE) $(PY) -m pytest -q
+
+# SHARDS names manifests/<name>.yaml; the sample is built on demand
+pseudolabel: install $(if $(filter sample,$(SHARDS)),sample)
+	$(PY) -m pipeline --shards $(SHARDS) --profile $(PROFILE) --out $(OUT)
+
+train: install $(if $(filter sample,$(SHARDS)),sample)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m trainer.train \
+	  --shards $(SHARDS) --labels $(OUT) --profile $(PROFILE) $(if $(STEPS),--steps $(STEPS))
+
+preview: install
+	$(PY) -m pipeline.preview --shards $(SHARDS) --labels $(OUT)
+
+bench: install sample
+	$(OFFLINE) $(PY) -m bench.run
+
+download: install
+	$(PY) -m pipeline.download --shards $(SHARDS) --tsv "$(TSV)"
+
+clean:
+	rm -rf data/labels runs bench/results.json

@@ -1,0 +1,314 @@
+"""Label format v1 — the single definition of how pseudo-labels are stored.
+
+Writer (pipeline), trainer and third-party readers all import this module; docs/LABELS.md is the
+human-readable spec and shows how to decode every member with numpy + zstandard alone.
+
+A member is ``<key>.<kind>.lbl`` inside ``<out>/<task>/<shard>.tar``. Its bytes are::
+
+    b"CTXL" | u16 LE format version | u16 LE header length | header JSON (utf-8) | zstd frame
+
+The header says what the zstd frame holds (``codec``, ``shape``, quantisation range) so a reader can
+check the decompressed size *before* allocating it (bounded decompression).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+import zstandard
+
+FORMAT_VERSION = 1
+MAGIC = b"CTXL"
+MEMBER_EXT = "lbl"
+TASKS = ("seg", "depth", "normal")
+# kind -> (task tree it lives in, codec)
+KINDS = {
+    "seg": ("seg", "u8"),
+    "seg_conf": ("seg", "u16q"),
+    "depth": ("depth", "u16q_delta"),
+    "normal": ("normal", "oct8_delta"),
+    "normal_conf": ("normal", "u16q"),  # NLL-AngMF kappa
+}
+SEG_IGNORE = 255
+NUM_SEG_CLASSES = 80  # COCO things, contiguous 1..80; 0 = background
+MAX_LABEL_PIXELS = 1 << 26  # 8192 x 8192: refuses absurd headers before any allocation
+ZSTD_LEVEL = 3
+_PREFIX = struct.Struct("<4sHH")
+_Q16 = 65535.0
+
+
+class LabelFormatError(ValueError):
+    """A member that is not a valid label of a format version we know."""
+
+
+def member_name(key: str, kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown label kind {kind!r}; known: {sorted(KINDS)}")
+    return f"{key}.{kind}.{MEMBER_EXT}"
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``'000010002.depth.lbl'`` -> ``('000010002', 'depth')``."""
+    base, _, ext = name.rpartition(".")
+    key, _, kind = base.rpartition(".")
+    if ext != MEMBER_EXT or kind not in KINDS or not key:
+        raise LabelFormatError(f"not a label member name: {name!r}")
+    return key, kind
+
+
+def task_of(kind: str) -> str:
+    return KINDS[kind][0]
+
+
+def label_shape(image_hw: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Label resolution for an image: ``scale`` of each side, rounded, at least 1 pixel."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"label scale must be in (0, 1], got {scale}")
+    return max(1, round(image_hw[0] * scale)), max(1, round(image_hw[1] * scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# codecs: array <-> raw bytes (before zstd). Each returns extra header fields it needs to decode.
+
+
+def _quantise16(values: np.ndarray) -> tuple[np.ndarray, dict]:
+    values = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError("map has NaN or Inf values")
+    lo, hi = float(values.min()), float(values.max())
+    span = hi - lo
+    if span > 0:
+        q = np.rint((values - lo) * (_Q16 / span)).astype(np.uint16)
+    else:
+        q = np.zeros(values.shape, np.uint16)
+    return q, {"lo": lo, "hi": hi}
+
+
+def _dequantise16(q: np.ndarray, header: dict) -> np.ndarray:
+    lo, hi = header["lo"], header["hi"]
+    # float64 for the scale avoids a last-bit drift between writer and reader
+    return (lo + q.astype(np.float64) * ((hi - lo) / _Q16)).astype(np.float32)
+
+
+def _delta_rows(q: np.ndarray) -> np.ndarray:
+    """Horizontal delta modulo the dtype's range: smooth maps become runs of small numbers."""
+    d = q.copy()
+    d[:, 1:] -= q[:, :-1]
+    return d
+
+
+def _planes(q16: np.ndarray) -> bytes:
+    """Byte-shuffle: all low bytes, then all high bytes (zstd finds more runs in each plane)."""
+    b = q16.astype("<u2").view(np.uint8).reshape(-1, 2)
+    return b[:, 0].tobytes() + b[:, 1].tobytes()
+
+
+def _unplanes(raw: bytes, shape) -> np.ndarray:
+    b = np.frombuffer(raw, np.uint8).reshape(2, -1)
+    return (b[0].astype(np.uint16) | (b[1].astype(np.uint16) << 8)).reshape(shape)
+
+
+def oct_encode(normals: np.ndarray) -> np.ndarray:
+    """Unit vectors (..., 3) -> octahedral u8 pairs (..., 2).
+
+    Of the 4 grid points around the continuous position we keep the one whose decoded vector is
+    closest to the input ("precise" octahedral encoding, Cigolle et al. 2014); it roughly halves the
+    worst-case angular error of plain rounding.
+    """
+    n = np.asarray(normals, dtype=np.float64)
+    n = n / np.maximum(np.abs(n).sum(-1, keepdims=True), 1e-12)
+    x, y, z = n[..., 0], n[..., 1], n[..., 2]
+    neg = z < 0
+    fx = np.where(neg, (1 - np.abs(y)) * np.where(x >= 0, 1.0, -1.0), x)
+    fy = np.where(neg, (1 - np.abs(x)) * np.where(y >= 0, 1.0, -1.0), y)
+    gx, gy = (fx + 1) * 127.5, (fy + 1) * 127.5
+    target = np.asarray(normals, dtype=np.float64)
+    target = target / np.maximum(np.linalg.norm(target, axis=-1, keepdims=True), 1e-12)
+    best_q = None
+    best_dot = None
+    for ux in (np.floor(gx), np.ceil(gx)):
+        for uy in (np.floor(gy), np.ceil(gy)):
+            q = np.stack([np.clip(ux, 0, 255), np.clip(uy, 0, 255)], -1).astype(np.uint8)
+            dot = (oct_decode(q).astype(np.float64) * target).sum(-1)
+            if best_q is None:
+                best_q, best_dot = q, dot
+            else:
+                better = dot > best_dot
+                best_q = np.where(better[..., None], q, best_q)
+                best_dot = np.where(better, dot, best_dot)
+    return best_q
+
+
+def oct_decode(q: np.ndarray) -> np.ndarray:
+    """Octahedral u8 pairs (..., 2) -> float32 unit vectors (..., 3)."""
+    f = q.astype(np.float32) * (2 / 255.0) - 1
+    x, y = f[..., 0], f[..., 1]
+    z = 1 - np.abs(x) - np.abs(y)
+    t = np.clip(-z, 0, None)
+    x = x - np.where(x >= 0, t, -t)
+    y = y - np.where(y >= 0, t, -t)
+    v = np.stack([x, y, z], -1)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _to_raw(codec: str, arr: np.ndarray) -> tuple[bytes, dict]:
+    if codec == "u8":
+        if arr.dtype != np.uint8:
+            raise ValueError(f"seg map must be uint8, got {arr.dtype}")
+        return np.ascontiguousarray(arr).tobytes(), {}
+    if codec in ("u16q", "u16q_delta"):
+        q, extra = _quantise16(arr)
+        if codec == "u16q_delta":
+            q = _delta_rows(q)
+        return _planes(q), extra
+    if codec == "oct8_delta":
+        if not np.isfinite(arr).all():
+            raise ValueError("normal map has NaN or Inf values")
+        q = oct_encode(arr)
+        planes = np.stack([_delta_rows(q[..., 0]), _delta_rows(q[..., 1])])
+        return planes.tobytes(), {}
+    raise AssertionError(codec)
+
+
+def _raw_size(codec: str, shape) -> int:
+    pixels = shape[0] * shape[1]
+    return pixels * {"u8": 1, "u16q": 2, "u16q_delta": 2, "oct8_delta": 2}[codec]
+
+
+def _from_raw(codec: str, raw: bytes, header: dict) -> np.ndarray:
+    shape = tuple(header["shape"])
+    if codec == "u8":
+        return np.frombuffer(raw, np.uint8).reshape(shape).copy()
+    if codec in ("u16q", "u16q_delta"):
+        q = _unplanes(raw, shape)
+        if codec == "u16q_delta":
+            q = np.cumsum(q, axis=1, dtype=np.uint16)  # wraps modulo 2**16, undoing the delta
+        return _dequantise16(q, header)
+    if codec == "oct8_delta":
+        planes = np.frombuffer(raw, np.uint8).reshape((2,) + shape)
+        q = np.cumsum(planes, axis=2, dtype=np.uint8)
+        return oct_decode(np.moveaxis(q, 0, -1))
+    raise AssertionError(codec)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_shape(kind: str, arr: np.ndarray) -> tuple[int, int]:
+    want_ndim = 3 if kind == "normal" else 2
+    if arr.ndim != want_ndim or (kind == "normal" and arr.shape[-1] != 3):
+        raise ValueError(f"{kind} map has shape {arr.shape}; expected (H, W{', 3' if kind == 'normal' else ''})")
+    h, w = arr.shape[:2]
+    if h < 1 or w < 1 or h * w > MAX_LABEL_PIXELS:
+        raise ValueError(f"{kind} map of {h}x{w} is outside 1..{MAX_LABEL_PIXELS} pixels")
+    return h, w
+
+
+def encode(kind: str, arr: np.ndarray, *, image_size: tuple[int, int] | None = None,
+           level: int = ZSTD_LEVEL) -> bytes:
+    """Encode one map of label ``kind``. ``image_size`` (H, W) records the source image's size when
+    the label is stored at a lower resolution; it defaults to the map's own shape."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown label kind {kind!r}; known: {sorted(KINDS)}")
+    codec = KINDS[kind][1]
+    arr = np.asarray(arr)
+    h, w = _check_shape(kind, arr)
+    raw, extra = _to_raw(codec, arr)
+    header = {"kind": kind, "codec": codec, "shape": [h, w],
+              "image_size": list(image_size) if image_size else [h, w], **extra}
+    hjson = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    payload = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hjson)) + hjson + payload
+
+
+def read_header(data: bytes) -> tuple[dict, memoryview]:
+    """Parse and validate a member's header; returns it and the zstd payload (not decompressed)."""
+    if len(data) < _PREFIX.size:
+        raise LabelFormatError("label member too short")
+    magic, version, hlen = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise LabelFormatError("not a CLIPTeX label member (bad magic)")
+    if version != FORMAT_VERSION:
+        raise LabelFormatError(f"label format version {version} is not supported "
+                               f"(this reader knows version {FORMAT_VERSION})")
+    try:
+        header = json.loads(bytes(data[_PREFIX.size:_PREFIX.size + hlen]))
+        kind, codec = header["kind"], header["codec"]
+        h, w = (int(s) for s in header["shape"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise LabelFormatError(f"bad label header: {e}") from None
+    if KINDS.get(kind, (None, None))[1] != codec:
+        raise LabelFormatError(f"unknown kind/codec {kind}/{codec}")
+    if not (0 < h and 0 < w and h * w <= MAX_LABEL_PIXELS):
+        raise LabelFormatError(f"label shape {h}x{w} outside the allowed range")
+    return header, memoryview(data)[_PREFIX.size + hlen:]
+
+
+def decode_with_header(data: bytes) -> tuple[dict, np.ndarray]:
+    header, payload = read_header(data)
+    expected = _raw_size(header["codec"], header["shape"])
+    try:
+        declared = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as e:
+        raise LabelFormatError(f"bad zstd frame: {e}") from None
+    if declared != expected:
+        # checked before decompressing: a bomb is refused without allocating its output
+        raise LabelFormatError(f"payload declares {declared} bytes; shape {header['shape']} "
+                               f"with codec {header['codec']} allows exactly {expected}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+    except zstandard.ZstdError as e:
+        raise LabelFormatError(f"corrupt zstd payload: {e}") from None
+    if len(raw) != expected:
+        raise LabelFormatError("payload size does not match its header")
+    return header, _from_raw(header["codec"], raw, header)
+
+
+def decode(member_name: str, data: bytes) -> np.ndarray:
+    """Decode any label member: seg -> uint8 (H, W); depth, confidences -> float32 (H, W);
+    normal -> float32 (H, W, 3) unit vectors."""
+    _, kind = split_member_name(member_name)
+    header, arr = decode_with_header(data)
+    if header["kind"] != kind:
+        raise LabelFormatError(f"member {member_name!r} holds a {header['kind']!r} map")
+    return arr
+
+
+def encode_sample(key: str, maps: dict[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, dict[str, bytes]]:
+    """Encode an expert's output maps; returns ``{task: {member_name: bytes}}``."""
+    out: dict[str, dict[str, bytes]] = {}
+    for kind, arr in maps.items():
+        out.setdefault(task_of(kind), {})[member_name(key, kind)] = encode(kind, arr, image_size=image_size)
+    return out
+
+
+def max_normal_error_deg() -> float:
+    """Worst-case angular error of the normal codec over a dense sphere sample (for docs/tests)."""
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(200_000, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    back = oct_decode(oct_encode(v))
+    cos = np.clip((back * v).sum(1), -1, 1)
+    return math.degrees(float(np.arccos(cos).max()))
+
+
+def resize_map(kind: str, arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Resize an expert's full-resolution map to the label resolution ``hw`` = (H, W):
+    nearest for class ids, area-weighted (box) for continuous maps, renormalised for normals."""
+    from PIL import Image
+
+    if tuple(arr.shape[:2]) == tuple(hw):
+        return arr
+    size = (hw[1], hw[0])
+    if kind == "seg":
+        return np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST))
+    resample = Image.BOX if hw[0] <= arr.shape[0] else Image.BILINEAR
+    chans = arr[..., None] if arr.ndim == 2 else arr
+    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(chans[..., c], np.float32), "F")
+                               .resize(size, resample)) for c in range(chans.shape[-1])], -1)
+    if kind == "normal":
+        out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6)
+        return out.astype(np.float32)
+    return out[..., 0].astype(np.float32)
