@@ -80,3 +80,24 @@ def load_manifest(name_or_path: str, *, require_shards: bool = True) -> ShardSet
             raise ManifestError(f"{path}: pattern {str(root / doc['shards'])!r} matches no shard{hint}")
         shards = tuple(present)
     return ShardSet(doc["name"], root, shards, Path(doc["output"]), expected)
+
+
+def main(argv=None) -> int:
+    """``python -m pipeline.manifest NAME``: resolve a manifest and list its shards (exit 2 if bad)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description="check a shard-set manifest")
+    ap.add_argument("name", help="manifest name (manifests/<name>.yaml) or a path to a .yaml")
+    args = ap.parse_args(argv)
+    try:
+        s = load_manifest(args.name)
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{s.name}: {len(s.shards)} shards under {s.root} -> {s.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -137,6 +137,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ValueError("not_an_image") from None
+    except Image.DecompressionBombError as e:  # PIL's own cap, above ours
+        raise ValueError("decompression_bomb", str(e)) from None
     except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
         raise ValueError("truncated_image", str(e)) from None
     w, h = img.size

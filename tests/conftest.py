@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset pulls albumentations, which phones home
 
 from pathlib import Path  # noqa: E402
 

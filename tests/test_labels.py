@@ -1,0 +1,170 @@
+"""Label format v1: round trips, error bounds, refusal of bad members, and a reader that uses
+only numpy + zstandard (what docs/LABELS.md promises third parties)."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import zstandard
+
+from pipeline import labels
+from pipeline.labels import LabelFormatError, decode, encode, member_name
+
+
+def sphere(n, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def angle_deg(a, b):
+    return np.degrees(np.arccos(np.clip((a * b).sum(-1), -1, 1)))
+
+
+def test_seg_round_trip_exact():
+    seg = np.random.default_rng(0).integers(0, 81, (37, 53)).astype(np.uint8)
+    seg[:3] = labels.SEG_IGNORE
+    assert (decode("000010002.seg.lbl", encode("seg", seg)) == seg).all()
+
+
+def test_depth_quantisation_error_bound():
+    import skimage.data
+
+    disp = skimage.data.stereo_motorcycle()[2].astype(np.float32)
+    disp = np.nan_to_num(disp, nan=0.0)
+    back = decode("k.depth.lbl", encode("depth", disp))
+    assert back.dtype == np.float32 and back.shape == disp.shape
+    span = disp.max() - disp.min()
+    assert np.abs(back - disp).max() <= span * 1e-4
+    # values keep their scale: relative inverse depth comes back, not a normalised map
+    assert back.max() == pytest.approx(disp.max(), rel=1e-6)
+
+
+def test_constant_map():
+    d = np.full((5, 7), 3.25, np.float32)
+    assert (decode("k.depth.lbl", encode("depth", d)) == 3.25).all()
+
+
+def test_normals_angular_error_below_one_degree():
+    n = sphere(100_000).reshape(250, 400, 3)
+    back = decode("k.normal.lbl", encode("normal", n))
+    assert back.shape == n.shape and back.dtype == np.float32
+    assert np.allclose(np.linalg.norm(back, axis=-1), 1, atol=1e-5)
+    assert angle_deg(back, n).max() < 1.0
+    # poles and octahedron edges are where naive encoders fail
+    special = np.array([[0, 0, 1], [0, 0, -1], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0],
+                        [1, 1, 0], [-1, 0, -1]], np.float64)
+    special /= np.linalg.norm(special, axis=1, keepdims=True)
+    back = decode("k.normal.lbl", encode("normal", special[None]))
+    assert angle_deg(back[0], special).max() < 1.0
+
+
+def test_confidence_maps_and_member_names():
+    kappa = np.random.default_rng(1).uniform(1.01, 300, (20, 30)).astype(np.float32)
+    out = labels.encode_sample("000000007", {"normal": np.dstack([np.zeros((20, 30, 2)), -np.ones((20, 30))]),
+                                             "normal_conf": kappa, "depth": kappa}, (40, 60))
+    assert sorted(out) == ["depth", "normal"]
+    assert sorted(out["normal"]) == ["000000007.normal.lbl", "000000007.normal_conf.lbl"]
+    header, back = labels.decode_with_header(out["normal"]["000000007.normal_conf.lbl"])
+    assert header["image_size"] == [40, 60] and header["shape"] == [20, 30]
+    assert np.abs(back - kappa).max() <= (kappa.max() - kappa.min()) / 65535
+
+
+def test_rejects_nonfinite_and_bad_shapes():
+    with pytest.raises(ValueError, match="NaN"):
+        encode("depth", np.array([[1.0, np.nan]], np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        encode("normal", np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="uint8"):
+        encode("seg", np.zeros((4, 4), np.int64))
+
+
+def test_unknown_version_is_refused():
+    data = bytearray(encode("seg", np.zeros((4, 4), np.uint8)))
+    data[4:6] = struct.pack("<H", 2)
+    with pytest.raises(LabelFormatError, match="version 2 is not supported"):
+        decode("k.seg.lbl", bytes(data))
+
+
+def _forge(header: dict, raw: bytes, content_size=True) -> bytes:
+    h = json.dumps(header).encode()
+    frame = zstandard.ZstdCompressor(write_content_size=content_size).compress(raw)
+    return struct.pack("<4sHH", b"CTXL", 1, len(h)) + h + frame
+
+
+def test_bomb_is_refused_before_allocation():
+    # 1 GiB of zeros compresses to ~40 KB; the header claims a 4x4 map
+    cctx = zstandard.ZstdCompressor()
+    bomb = cctx.compress(b"\0" * (1 << 30))
+    h = json.dumps({"kind": "seg", "codec": "u8", "shape": [4, 4]}).encode()
+    data = struct.pack("<4sHH", b"CTXL", 1, len(h)) + h + bomb
+    with pytest.raises(LabelFormatError, match="allows exactly 16"):
+        decode("k.seg.lbl", data)
+    # a frame that hides its size is refused too (it could be anything)
+    with pytest.raises(LabelFormatError):
+        decode("k.seg.lbl", _forge({"kind": "seg", "codec": "u8", "shape": [4, 4]}, b"\0" * 16, False))
+    # and a header cannot claim an absurd shape
+    with pytest.raises(LabelFormatError, match="outside"):
+        decode("k.seg.lbl", _forge({"kind": "seg", "codec": "u8", "shape": [1 << 20, 1 << 20]}, b""))
+
+
+def test_garbage_and_mismatched_members():
+    with pytest.raises(LabelFormatError):
+        decode("k.seg.lbl", b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(LabelFormatError, match="holds a 'seg'"):
+        decode("k.depth.lbl", encode("seg", np.zeros((2, 2), np.uint8)))
+    with pytest.raises(LabelFormatError):
+        labels.split_member_name("k.seg.png")
+
+
+def test_resize_to_label_resolution():
+    seg = np.zeros((100, 200), np.uint8)
+    seg[:, 100:] = 7
+    h, w = labels.label_shape((100, 200), 0.5)
+    small = labels.resize_map("seg", seg, (h, w))
+    assert small.shape == (50, 100) and set(np.unique(small)) == {0, 7}
+    n = np.zeros((100, 200, 3), np.float32)
+    n[..., 2] = -1
+    n[:, :, 0] = 0.3
+    ns = labels.resize_map("normal", n, (h, w))
+    assert ns.shape == (50, 100, 3) and np.allclose(np.linalg.norm(ns, axis=-1), 1, atol=1e-5)
+
+
+def numpy_only_decode(data: bytes):
+    """Exactly the recipe in docs/LABELS.md: no import of this project."""
+    version, hlen = struct.unpack_from("<HH", data, 4)
+    assert data[:4] == b"CTXL" and version == 1
+    header = json.loads(data[8:8 + hlen])
+    h, w = header["shape"]
+    raw = zstandard.ZstdDecompressor().decompress(data[8 + hlen:], max_output_size=h * w * 2)
+    codec = header["codec"]
+    if codec == "u8":
+        return np.frombuffer(raw, np.uint8).reshape(h, w)
+    if codec in ("u16q", "u16q_delta"):
+        lo_b, hi_b = np.frombuffer(raw, np.uint8).reshape(2, h, w)
+        q = lo_b.astype(np.uint16) | (hi_b.astype(np.uint16) << 8)
+        if codec == "u16q_delta":
+            q = np.cumsum(q, axis=1, dtype=np.uint16)
+        return (header["lo"] + q * ((header["hi"] - header["lo"]) / 65535)).astype(np.float32)
+    if codec == "oct8_delta":
+        u, v = np.cumsum(np.frombuffer(raw, np.uint8).reshape(2, h, w), axis=2, dtype=np.uint8)
+        x, y = u / 127.5 - 1, v / 127.5 - 1
+        z = 1 - np.abs(x) - np.abs(y)
+        t = np.clip(-z, 0, None)
+        x, y = x - np.where(x >= 0, t, -t), y - np.where(y >= 0, t, -t)
+        n = np.stack([x, y, z], -1)
+        return n / np.linalg.norm(n, axis=-1, keepdims=True)
+    raise ValueError(codec)
+
+
+def test_spec_recipe_matches_reader():
+    rng = np.random.default_rng(3)
+    maps = {"seg": rng.integers(0, 81, (16, 24)).astype(np.uint8),
+            "depth": rng.random((16, 24)).astype(np.float32) * 9,
+            "normal": sphere(16 * 24, 4).reshape(16, 24, 3),
+            "normal_conf": rng.random((16, 24)).astype(np.float32) * 100}
+    for kind, arr in maps.items():
+        data = encode(kind, arr)
+        ours = decode(member_name("k", kind), data)
+        theirs = numpy_only_decode(data)
+        assert theirs.shape == ours.shape
+        assert np.allclose(theirs, ours, atol=1e-5), kind
