@@ -15,7 +15,6 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml (they only import as a pair)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
