@@ -11,7 +11,11 @@ NPROC ?= 2
 TSV ?=
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install sample test pseudolabel train preview bench download clean
+.PHONY: help install sample test pseudolabel train preview bench download clean
+
+help:
+	@echo 'targets: install sample test pseudolabel train preview bench download clean'
+	@echo 'e.g. make pseudolabel SHARDS=sample PROFILE=smoke; make train SHARDS=sample PROFILE=smoke STEPS=50'
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -19,6 +19,11 @@ class MissingWeightsError(RuntimeError):
     source). The message names the file and how to supply it; CLIs turn it into exit code 2."""
 
 
+class MissingDependencyError(ImportError):
+    """An optional backend (detectron2, ...) was asked for but is not installed. The message says
+    how to install it or which default to use instead; CLIs turn it into exit code 2."""
+
+
 class Expert(abc.ABC):
     task: str = ""  # "seg" | "depth" | "normal"
     name: str = ""
