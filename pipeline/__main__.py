@@ -1,0 +1,125 @@
+"""Pseudo-label a shard set with the expert zoo (``make pseudolabel``).
+
+    python -m pipeline --shards sample --profile smoke [--out data/labels/sample]
+    RAY_ADDRESS=ray://head:10001 python -m pipeline --shards cc3m       # an existing cluster
+
+Reruns resume: only shards without a complete, checksum-verified output are processed.
+Exit codes: 0 done; 1 shards failed after retries; 2 bad manifest / missing weights / settings;
+130 interrupted (rerun the same command to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from pipeline import labels
+
+
+def _options(pairs: list[str]) -> dict:
+    """``key=value`` pairs for the experts; values are parsed as JSON when they parse."""
+    opts = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --expert-option wants key=value, got {p!r}")
+        try:
+            opts[key] = json.loads(value)
+        except ValueError:
+            opts[key] = value
+    return opts
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--shards", default="sample", help="manifest name (manifests/<name>.yaml) or a .yaml path")
+    ap.add_argument("--profile", default="default", help="experts profile: default | smoke | null")
+    ap.add_argument("--out", default=None, help="label output root (default: the manifest's output)")
+    ap.add_argument("--tasks", default=",".join(labels.TASKS), help="comma-separated task trees")
+    ap.add_argument("--label-scale", type=float, default=0.5,
+                    help="label side / image side (recorded per member as image_size)")
+    ap.add_argument("--batch-size", type=int, default=8, help="images per expert call")
+    ap.add_argument("--workers", type=int, default=None, help="worker actors (default: one per GPU; "
+                    "CPU-only: min(#CPUs, 4))")
+    ap.add_argument("--gpus-per-worker", type=float, default=None, help="fractions allowed (default 1 "
+                    "with GPUs, 0 without)")
+    ap.add_argument("--cpus-per-worker", type=float, default=None,
+                    help="Ray logical CPUs per actor (default: 1 with GPUs; 0.5 or less CPU-only)")
+    ap.add_argument("--threads-per-worker", type=int, default=0,
+                    help="torch threads per worker (default: CPUs / workers; 1 per GPU worker)")
+    ap.add_argument("--decode-threads", type=int, default=2)
+    ap.add_argument("--encode-threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--expert-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to expert_wrappers.build_experts(options=...); repeatable")
+    ap.add_argument("--ray-address", default=None,
+                    help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--verify", choices=("sha256", "size"), default="sha256",
+                    help="how finished shards are checked before being skipped")
+    ap.add_argument("--max-attempts", type=int, default=3, help="attempts per shard")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="Ray worker logs and resume reasons")
+    ap.add_argument("--sample-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # test hook
+    return ap
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from expert_wrappers.base import MissingWeightsError
+    from pipeline.job import JobConfigError, JobError, JobSpec, run
+    from pipeline.manifest import ManifestError, load_manifest
+    from pipeline.worker import WorkerConfig
+
+    try:
+        from expert_wrappers.base import MissingDependencyError
+    except ImportError:  # older expert_wrappers
+        MissingDependencyError = MissingWeightsError  # noqa: N806
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        shard_set = load_manifest(args.shards)
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        unknown = [t for t in tasks if t not in labels.TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {list(labels.TASKS)}")
+        cfg = WorkerConfig(tasks=tasks, profile=args.profile, device=args.device,
+                           options=_options(args.expert_option), label_scale=args.label_scale,
+                           batch_size=args.batch_size, decode_threads=args.decode_threads,
+                           encode_threads=args.encode_threads, torch_threads=args.threads_per_worker,
+                           sample_delay=args.sample_delay)
+        spec = JobSpec(shard_set=shard_set, out=Path(args.out) if args.out else shard_set.output,
+                       worker=cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                       cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address,
+                       verify=args.verify, max_attempts=args.max_attempts,
+                       progress=not args.no_progress, verbose=args.verbose)
+        summary = run(spec)
+    except (ManifestError, MissingWeightsError, MissingDependencyError, JobConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume (finished shards are kept)",
+              file=sys.stderr)
+        return 130
+    rate = summary["new_samples"] / summary["pool_seconds"] if summary["pool_seconds"] else 0.0
+    print(f"pseudolabel {shard_set.name}: {summary['shards']} shards ({len(summary['processed'])} "
+          f"labelled now, {len(summary['resumed'])} already complete), {summary['ok']} samples ok, "
+          f"{summary['skipped']} skipped; {summary['seconds']:.1f} s"
+          + (f", {rate:.2f} samples/s on {summary['workers']} worker(s)" if summary["processed"] else "")
+          + f" -> {summary['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    sys.exit(main())

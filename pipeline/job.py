@@ -1,0 +1,470 @@
+"""The pseudo-label job's driver: plan, resume, a pool of Ray worker actors, progress, manifest.
+
+The driver is deliberately thin. It
+
+1. lists the shard set's source shards and keeps those that are not complete — a shard is complete
+   when ``<out>/_stats/<shard>.json`` exists, was written with this job's config fingerprint, and
+   every task tar it names has the recorded size and sha256;
+2. starts (or joins) Ray and creates ``workers`` ``ShardWorker`` actors (experts load once per
+   actor), hands one shard per call to whichever actor is free, and redoes a shard whose actor or
+   node died (Ray restarts the actor and retries the call; the driver also retries with a fresh
+   actor, up to ``max_attempts`` per shard);
+3. when every shard is complete, writes ``<out>/_manifest.json`` and ``<out>/_manifest.parquet``
+   from the markers.
+
+Workers write every tar under a temporary name and rename it into place, then the marker; so an
+interruption anywhere leaves only whole files under final names, and a rerun redoes exactly the
+shards without a valid marker. Output bytes depend only on the inputs, the config fingerprint, the
+batch size and the torch thread count — not on which worker, node or attempt produced them.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeline import labels
+from pipeline.coco import class_name
+from pipeline.manifest import ShardSet
+from pipeline.shards import sha256_file, write_bytes_atomic, write_json_atomic
+from pipeline.worker import (STATS_VERSION, ShardWorker, WorkerConfig, build_experts, stats_path,
+                             tar_path)
+
+MANIFEST_JSON = "_manifest.json"
+MANIFEST_PARQUET = "_manifest.parquet"
+PIPELINE_VERSION = 1
+
+
+class JobError(RuntimeError):
+    """The job could not finish (shards failed after all attempts, actors could not start)."""
+
+
+class JobConfigError(ValueError):
+    """A setting the cluster cannot satisfy (e.g. GPUs per worker on a cluster without GPUs)."""
+
+
+@dataclass
+class JobSpec:
+    shard_set: ShardSet
+    out: Path
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    workers: int | None = None            # default: one per GPU; CPU-only: min(#CPUs, 4)
+    gpus_per_worker: float | None = None  # default: 1 if the cluster has GPUs, else 0
+    cpus_per_worker: float | None = None  # Ray logical CPUs per actor; default: fits all actors
+    ray_address: str | None = None        # None: $RAY_ADDRESS if set, else a local Ray
+    verify: str = "sha256"                # how completed shards are checked: "sha256" | "size"
+    max_attempts: int = 3                 # per shard, counting driver-level retries
+    max_restarts: int = 2                 # per actor (Ray restarts a dead actor process)
+    max_task_retries: int = 2             # per call on a restarted actor
+    actor_start_timeout: float = 900.0
+    progress: bool = True
+    verbose: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# plan / resume
+
+
+def fingerprint(cfg: WorkerConfig, checkpoints: dict) -> str:
+    """What makes two runs' labels the same: format, experts and their weights, label settings.
+    Throughput knobs (workers, batch size, threads) are not part of it."""
+    doc = {"pipeline_version": PIPELINE_VERSION, "format_version": labels.FORMAT_VERSION,
+           "stats_version": STATS_VERSION, "tasks": list(cfg.tasks), "profile": cfg.profile, "factory": cfg.factory,
+           "options": cfg.options, "label_scale": cfg.label_scale, "max_pixels": cfg.max_pixels,
+           "checkpoints": dict(sorted(checkpoints.items()))}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_complete(src: Path, out: Path, tasks, fp: str, verify: str = "sha256") -> tuple[dict | None, str]:
+    """(stats, "") if the shard's outputs are complete and intact, else (None, why not)."""
+    marker = stats_path(out, src.stem)
+    if not marker.is_file():
+        return None, "no marker"
+    try:
+        stats = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"unreadable marker: {e}"
+    if not isinstance(stats, dict) or stats.get("stats_version") != STATS_VERSION:
+        return None, "marker of another version"
+    if stats.get("fingerprint") != fp:
+        return None, "made with another config"
+    try:
+        if stats.get("source_bytes") != src.stat().st_size:
+            return None, "source shard changed"
+    except OSError as e:
+        return None, f"source unreadable: {e}"
+    for task in tasks:
+        rec = stats.get("outputs", {}).get(task)
+        path = tar_path(out, task, src.name)
+        if not rec:
+            return None, f"marker lists no {task} tar"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return None, f"{task} tar missing"
+        if size != rec.get("bytes"):
+            return None, f"{task} tar size differs"
+        if verify == "sha256" and sha256_file(path) != rec.get("sha256"):
+            return None, f"{task} tar checksum differs"
+    return stats, ""
+
+
+def plan(shards, out: Path, tasks, fp: str, verify: str = "sha256", threads: int = 4
+         ) -> tuple[dict[str, dict], list[Path], dict[str, str]]:
+    """Split shards into complete ones ({stem: stats}) and ones to do (source order), with why."""
+    done: dict[str, dict] = {}
+    todo: list[Path] = []
+    why: dict[str, str] = {}
+    with cf.ThreadPoolExecutor(threads) as pool:  # hashing releases the GIL
+        results = list(pool.map(lambda p: check_complete(p, out, tasks, fp, verify), shards))
+    for src, (stats, reason) in zip(shards, results):
+        if stats is None:
+            todo.append(src)
+            why[src.stem] = reason
+        else:
+            done[src.stem] = stats
+    return done, todo, why
+
+
+# ----------------------------------------------------------------------------------------------
+# experts (preflight) and Ray
+
+
+def preflight(cfg: WorkerConfig) -> dict:
+    """Build the experts once in the driver, before Ray starts: missing weights fail within
+    seconds here (MissingWeightsError), and the manifest gets their description."""
+    experts = build_experts(cfg.tasks, cfg.profile, "cpu", cfg.options, cfg.factory)
+    desc = {t: experts[t].describe() for t in cfg.tasks}
+    del experts
+    return desc
+
+
+def _checkpoints(desc: dict) -> dict:
+    out: dict[str, str] = {}
+    for d in desc.values():
+        out.update(d.get("checkpoints") or {})
+    return dict(sorted(out.items()))
+
+
+def start_ray(address: str | None, verbose: bool = False) -> bool:
+    """Join a running Ray (``address`` or $RAY_ADDRESS) or start a local one; returns whether this
+    call started Ray (then the job shuts it down at the end)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw = dict(include_dashboard=False, log_to_driver=verbose,
+              logging_level=logging.INFO if verbose else logging.ERROR)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        # only file paths and small stats dicts go through the object store
+        ray.init(num_cpus=cpus, object_store_memory=128 << 20, **kw)
+    return True
+
+
+def resources(spec: JobSpec) -> tuple[int, float, float, int]:
+    """(workers, gpus per worker, cpus per worker, torch threads) for the connected cluster.
+    Actors never ask for more than the cluster has, so actor creation cannot wait forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    n_cpu, n_gpu = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    gpus = spec.gpus_per_worker if spec.gpus_per_worker is not None else (1.0 if n_gpu else 0.0)
+    if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+        raise JobConfigError(f"--gpus-per-worker must be a fraction in (0, 1] or a whole number, got {gpus}")
+    if gpus and gpus > n_gpu:
+        raise JobConfigError(f"--gpus-per-worker {gpus:g} but the Ray cluster has {n_gpu:g} GPU(s); "
+                             f"use --gpus-per-worker 0 for CPU workers")
+    if spec.workers is not None:
+        workers = spec.workers
+    elif gpus:
+        workers = max(1, int(n_gpu / gpus + 1e-9))
+    else:
+        workers = max(1, min(int(n_cpu), 4))
+    if workers < 1:
+        raise JobConfigError("--workers must be >= 1")
+    if gpus and workers * gpus > n_gpu + 1e-9:
+        raise JobConfigError(f"{workers} workers x {gpus:g} GPUs > {n_gpu:g} GPUs in the cluster")
+    if spec.cpus_per_worker is not None:
+        cpus = spec.cpus_per_worker
+        if workers * cpus > n_cpu + 1e-9:
+            raise JobConfigError(f"{workers} workers x {cpus:g} CPUs > {n_cpu:g} CPUs in the cluster")
+    elif gpus:
+        cpus = min(1.0, n_cpu / workers)
+    else:
+        # CPU workers hold a fraction of a CPU each (never all of them): on a 2-core machine two
+        # actors plus anything else Ray schedules still fit; compute threads are set explicitly
+        cpus = min(0.5, n_cpu / workers / 2)
+    cpus = float(int(cpus * 1e4) / 1e4)
+    threads = spec.worker.torch_threads
+    if not threads:
+        local = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, int(cpus)) if gpus else max(1, local // workers)
+    return workers, gpus, cpus, threads
+
+
+class _Pool:
+    """``workers`` actors; one shard per call; a dead actor is killed and replaced."""
+
+    def __init__(self, spec: JobSpec, cfg: WorkerConfig, n: int, gpus: float, cpus: float,
+                 on_event: Callable | None):
+        import ray
+
+        self.ray = ray
+        self.cls = ray.remote(ShardWorker)
+        self.spec, self.cfg, self.gpus, self.cpus = spec, cfg, gpus, cpus
+        self.on_event = on_event or (lambda *a: None)
+        self.actors = [self._new() for _ in range(n)]
+
+    def _new(self):
+        return self.cls.options(num_cpus=self.cpus, num_gpus=self.gpus,
+                                max_restarts=self.spec.max_restarts,
+                                max_task_retries=self.spec.max_task_retries).remote(self.cfg)
+
+    def wait_ready(self, timeout: float) -> list[dict]:
+        ray = self.ray
+        refs = [a.info.remote() for a in self.actors]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:
+            raise JobError(f"{len(pending)} of {len(refs)} worker actors did not start within "
+                           f"{timeout:.0f} s (cluster resources: {ray.cluster_resources()}; "
+                           f"asked per actor: {self.cpus:g} CPU, {self.gpus:g} GPU)")
+        infos = []
+        for i, ref in enumerate(refs):
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise JobError(f"worker actor failed to start: {_root_cause(e)}") from e
+            infos.append(info)
+            self.on_event("actor_ready", {"index": i, "actor": self.actors[i], **info})
+        return infos
+
+    def replace(self, i: int) -> None:
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actors[i], no_restart=True)
+        self.actors[i] = self._new()
+        self.on_event("actor_replaced", {"index": i, "actor": self.actors[i]})
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(a, no_restart=True)
+
+
+def _root_cause(e: BaseException) -> str:
+    """One line for an error that came back through Ray (the innermost user exception)."""
+    cause = getattr(e, "cause", None) or e.__cause__
+    seen = 0
+    while cause is not None and seen < 5:
+        e, cause, seen = cause, getattr(cause, "cause", None) or cause.__cause__, seen + 1
+    text = str(e).strip().splitlines()
+    tail = [ln for ln in text if ln.strip()][-1:] or [type(e).__name__]
+    return f"{type(e).__name__}: {tail[0]}" if not tail[0].startswith(type(e).__name__) else tail[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# manifest
+
+
+def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> tuple[dict, list[dict]]:
+    cfg = spec.worker
+    ok = sum(s["ok"] for s in stats)
+    skipped = sum(s["skipped"] for s in stats)
+    reasons: dict[str, int] = {}
+    for s in stats:
+        for r, n in s["skip_reasons"].items():
+            reasons[r] = reasons.get(r, 0) + n
+    n_cls = labels.NUM_SEG_CLASSES + 1
+    pixels = [sum(s["class_pixels"][c] for s in stats) for c in range(n_cls)]
+    instances = [sum(s["class_instances"][c] for s in stats) for c in range(n_cls)]
+    outputs = {t: {"bytes": sum(s["outputs"][t]["bytes"] for s in stats),
+                   "members": sum(s["outputs"][t]["members"] for s in stats)} for t in cfg.tasks}
+    manifest = {
+        "format_version": labels.FORMAT_VERSION,
+        "pipeline_version": PIPELINE_VERSION,
+        "stats_version": STATS_VERSION,
+        "shard_set": {"name": spec.shard_set.name, "root": str(spec.shard_set.root),
+                      "shards": [p.name for p in spec.shard_set.shards],
+                      "expected_samples": spec.shard_set.expected_samples},
+        "tasks": list(cfg.tasks),
+        "experts": experts,
+        "checkpoints": _checkpoints(experts),
+        "config": {"fingerprint": fp, "profile": cfg.profile, "tasks": list(cfg.tasks),
+                   "options": cfg.options, "label_scale": cfg.label_scale,
+                   "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
+                   "torch_threads": cfg.torch_threads},
+        "counts": {"shards": len(stats), "ok": ok, "skipped": skipped, "skip_reasons": reasons,
+                   "samples_with_key": ok + sum(1 for s in stats for k in s["skips"] if k["key"] is not None)},
+        "outputs": outputs,
+        "classes": [class_name(c) for c in range(n_cls)],
+        "class_pixels": pixels,
+        "ignore_pixels": sum(s["ignore_pixels"] for s in stats),
+        "class_instances": instances,
+        "instances_counted_as": "connected components per class of the seg map at label resolution, "
+                                "unless the expert reported its instances' classes",
+    }
+    rows = []
+    for s in stats:
+        row = {"shard": s["shard"], "source": Path(s["source"]).name, "samples": s["ok"] + s["skipped"],
+               "ok": s["ok"], "skipped": s["skipped"], "seconds": float(s["seconds"]),
+               "expert_seconds": float(s.get("timing", {}).get("experts", 0.0)),
+               "host": s.get("worker", {}).get("host", "")}
+        for t in cfg.tasks:
+            row[f"{t}_bytes"] = s["outputs"][t]["bytes"]
+            row[f"{t}_sha256"] = s["outputs"][t]["sha256"]
+            row[f"{t}_members"] = s["outputs"][t]["members"]
+        rows.append(row)
+    return manifest, rows
+
+
+def write_manifest(out: Path, manifest: dict, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    write_bytes_atomic(out / MANIFEST_PARQUET, buf.getvalue().to_pybytes())
+    write_json_atomic(out / MANIFEST_JSON, manifest)  # last: its presence means the job finished
+
+
+# ----------------------------------------------------------------------------------------------
+# the job
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobConfigError(f"another pseudo-label job is writing to {out}") from None
+        yield
+
+
+def run(spec: JobSpec, *, on_event: Callable | None = None, log=print) -> dict:
+    """Run (or resume) the job; returns a summary dict. Raises MissingWeightsError before Ray
+    starts, JobConfigError for unsatisfiable settings, JobError if shards still fail."""
+    t0 = time.perf_counter()
+    out = Path(spec.out)
+    cfg = spec.worker
+    experts = preflight(cfg)
+    fp = fingerprint(cfg, _checkpoints(experts))
+    cfg.fingerprint = fp
+    shards = list(spec.shard_set.shards)
+    with _out_lock(out):
+        done, todo, why = plan(shards, out, cfg.tasks, fp, spec.verify)
+        if spec.verbose:
+            for stem, reason in why.items():
+                log(f"  {stem}: to do ({reason})", file=sys.stderr)
+        new: dict[str, dict] = {}
+        info = {"workers": 0}
+        if todo:
+            for name in (MANIFEST_JSON, MANIFEST_PARQUET):  # stale until the job completes again
+                (out / name).unlink(missing_ok=True)
+            new, info = _run_pool(spec, cfg, todo, len(done), len(shards), on_event)
+        all_stats = [done.get(p.stem) or new[p.stem] for p in shards]
+        manifest, rows = build_manifest(spec, all_stats, experts, fp)
+        write_manifest(out, manifest, rows)
+    elapsed = time.perf_counter() - t0
+    n_new = sum(s["ok"] + s["skipped"] for s in new.values())
+    summary = {"shards": len(shards), "processed": sorted(new), "resumed": sorted(done),
+               "ok": manifest["counts"]["ok"], "skipped": manifest["counts"]["skipped"],
+               "new_samples": n_new, "seconds": round(elapsed, 2),
+               "pool_seconds": info.get("pool_seconds", 0.0), "workers": info["workers"],
+               "out": str(out), "fingerprint": fp}
+    return summary
+
+
+def _run_pool(spec: JobSpec, cfg: WorkerConfig, todo: list[Path], n_done: int, n_total: int,
+              on_event: Callable | None) -> tuple[dict[str, dict], dict]:
+    import ray
+    from tqdm import tqdm
+
+    started = start_ray(spec.ray_address, spec.verbose)
+    pool = None
+    try:
+        workers, gpus, cpus, threads = resources(spec)
+        workers = min(workers, len(todo))
+        cfg.torch_threads = threads
+        if cfg.device == "auto" and not gpus:
+            cfg.device = "cpu"
+        pool = _Pool(spec, cfg, workers, gpus, cpus, on_event)
+        pool.wait_ready(spec.actor_start_timeout)
+        t_pool = time.perf_counter()
+        queue: deque[Path] = deque(todo)
+        attempts: dict[str, int] = {}
+        errors: dict[str, str] = {}
+        results: dict[str, dict] = {}
+        free = deque(range(workers))
+        inflight: dict = {}
+        n_samples = 0
+        bar = tqdm(total=n_total, initial=n_done, unit="shard", disable=not spec.progress,
+                   dynamic_ncols=True, file=sys.stderr, desc=f"pseudolabel {spec.shard_set.name}")
+        with bar:
+            while queue or inflight:
+                while queue and free:
+                    i, src = free.popleft(), queue.popleft()
+                    attempts[src.stem] = attempts.get(src.stem, 0) + 1
+                    ref = pool.actors[i].process.remote(str(src), str(spec.out))
+                    inflight[ref] = (i, src)
+                    if on_event:
+                        on_event("shard_started", {"index": i, "shard": src.stem, "actor": pool.actors[i],
+                                                   "attempt": attempts[src.stem]})
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    i, src = inflight.pop(ref)
+                    try:
+                        stats = ray.get(ref)
+                    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                            ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                            ray.exceptions.OwnerDiedError) as e:
+                        pool.replace(i)  # the actor or its node is gone; a fresh one takes over
+                        _retry_or_fail(src, attempts, errors, queue, spec, e, bar)
+                    except ray.exceptions.RayError as e:  # the shard raised inside the worker
+                        _retry_or_fail(src, attempts, errors, queue, spec, e, bar)
+                    else:
+                        results[src.stem] = stats
+                        n_samples += stats["ok"] + stats["skipped"]
+                        bar.update(1)
+                        dt = time.perf_counter() - t_pool
+                        bar.set_postfix_str(f"{n_samples / max(dt, 1e-9):.1f} samples/s")
+                        if on_event:
+                            on_event("shard_done", {"shard": src.stem, "stats": stats})
+                    free.append(i)
+        pool_seconds = time.perf_counter() - t_pool
+        if errors:
+            lines = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
+            raise JobError(f"{len(errors)} shard(s) failed after {spec.max_attempts} attempts "
+                           f"(rerun to retry them): {lines}")
+        return results, {"workers": workers, "pool_seconds": round(pool_seconds, 3),
+                         "threads": threads, "cpus_per_worker": cpus, "gpus_per_worker": gpus}
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def _retry_or_fail(src: Path, attempts: dict, errors: dict, queue: deque, spec: JobSpec,
+                   e: BaseException, bar) -> None:
+    msg = _root_cause(e)
+    if attempts[src.stem] < spec.max_attempts:
+        bar.write(f"shard {src.stem}: attempt {attempts[src.stem]} failed ({msg}); retrying",
+                  file=sys.stderr)
+        queue.appendleft(src)
+    else:
+        errors[src.stem] = msg

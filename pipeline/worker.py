@@ -1,0 +1,378 @@
+"""One shard in, one tar per task tree out — the pseudo-label worker.
+
+``process_shard`` is plain Python (no Ray): it streams a source shard, decodes JPEGs on a thread
+pool, runs the experts on batches in the calling thread, encodes labels on a second thread pool
+(so decoding and encoding overlap expert compute), appends members to a temporary tar per task
+tree, renames every tar into place and writes the shard's stats marker last::
+
+    <out>/seg/<shard>.tar  <out>/depth/<shard>.tar  <out>/normal/<shard>.tar   (atomic renames)
+    <out>/_stats/<shard>.json                                                   (written last)
+
+Members keep the source keys in source order. A sample that cannot be labelled (undecodable
+image, expert or encoder failure) gets no member in any tree; it is listed in the marker's
+``skips`` with its source index, key and reason. A shard is *complete* when its marker exists and
+the tars it names have the recorded sha256 (``pipeline.job`` checks that before skipping it).
+
+``ShardWorker`` is the thin Ray actor around it: it loads the experts once and processes one
+shard per call.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import socket
+import tarfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline import labels
+from pipeline.shards import (DEFAULT_MAX_PIXELS, Sample, Skip, _tarinfo, decode_record,
+                             iter_records, sha256_file, tmp_path_for, write_json_atomic)
+
+STATS_DIR = "_stats"
+STATS_VERSION = 1
+# Reasons a worker adds to pipeline.shards.SKIP_REASONS.
+WORKER_SKIP_REASONS = {
+    "expert_error": "an expert raised on this image (alone, after its batch failed)",
+    "label_encode_error": "an expert map could not be resized/encoded (wrong dtype/shape, NaN)",
+}
+
+
+@dataclass
+class WorkerConfig:
+    tasks: tuple[str, ...] = labels.TASKS
+    profile: str = "default"
+    device: str = "auto"          # "auto": cuda when the worker sees a GPU, else cpu
+    options: dict = field(default_factory=dict)  # passed to the experts factory
+    factory: str = "expert_wrappers:build_experts"  # "module:function" building {task: Expert}
+    label_scale: float = 0.5      # label side / image side, recorded per member (image_size)
+    batch_size: int = 8
+    decode_threads: int = 2
+    encode_threads: int = 2
+    torch_threads: int = 0        # 0: leave torch's default
+    cpu_affinity: tuple[int, ...] | None = None  # pin the worker process (benchmarks)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fingerprint: str = ""         # the job's config fingerprint, written into every marker
+    sample_delay: float = 0.0     # seconds slept per sample: a test hook to kill a worker mid-shard
+
+    def __post_init__(self):
+        self.tasks = tuple(t for t in labels.TASKS if t in set(self.tasks)) + \
+            tuple(sorted(set(self.tasks) - set(labels.TASKS)))
+        if not self.tasks:
+            raise ValueError("no tasks")
+        labels.label_shape((1, 1), self.label_scale)  # validates the scale
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+def stats_path(out_root: str | os.PathLike, shard_stem: str) -> Path:
+    return Path(out_root) / STATS_DIR / f"{shard_stem}.json"
+
+
+def tar_path(out_root: str | os.PathLike, task: str, shard_name: str) -> Path:
+    return Path(out_root) / task / shard_name
+
+
+class _AtomicTarWriter:
+    """Appends members to ``.<name>.tmp<pid>`` next to the final path; ``commit`` fsyncs and renames.
+    Member metadata is the same as ``pipeline.shards.tar_bytes`` (byte-identical archives)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp_path_for(path)
+        self._f = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.GNU_FORMAT)
+        self.members = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        import io
+
+        self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self.members += 1
+
+    def finish(self) -> None:
+        """Close and fsync the temporary file (still under its temporary name)."""
+        self._tar.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def commit(self) -> dict:
+        os.replace(self.tmp, self.path)
+        return {"sha256": sha256_file(self.path), "bytes": self.path.stat().st_size,
+                "members": self.members}
+
+    def abort(self) -> None:
+        try:
+            if not self._f.closed:
+                self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_tmp(directory: Path, name: str) -> None:
+    """Temporary files a killed worker left for this shard (never visible under a final name)."""
+    if directory.is_dir():
+        for p in directory.glob(f".{name}.tmp*"):
+            p.unlink(missing_ok=True)
+
+
+def _decoded(src: Path, pool: cf.Executor, prefetch: int, max_pixels: int
+             ) -> Iterator[tuple[int, Sample | Skip]]:
+    """(source index, Sample|Skip) in source order; up to ``prefetch`` records decode ahead."""
+    pending: deque[tuple[int, cf.Future]] = deque()
+    for index, item in enumerate(iter_records(src)):
+        if isinstance(item, Skip):
+            fut: cf.Future = cf.Future()
+            fut.set_result(item)
+        else:
+            fut = pool.submit(decode_record, item, max_pixels)
+        pending.append((index, fut))
+        while len(pending) > prefetch:
+            i, f = pending.popleft()
+            yield i, f.result()
+    while pending:
+        i, f = pending.popleft()
+        yield i, f.result()
+
+
+def count_instances(seg: np.ndarray) -> np.ndarray:
+    """Connected components per class (8-connectivity) of a semantic map: the number of objects
+    per class as far as a semantic map can tell (touching instances of one class count once)."""
+    from scipy import ndimage
+
+    counts = np.zeros(256, np.int64)
+    structure = np.ones((3, 3), bool)
+    for c in np.unique(seg):
+        if c == 0 or c == labels.SEG_IGNORE:
+            continue
+        counts[c] = ndimage.label(seg == c, structure=structure)[1]
+    return counts
+
+
+def encode_maps(key: str, maps: dict[str, np.ndarray], image_hw: tuple[int, int],
+                tasks: tuple[str, ...], label_scale: float) -> tuple[dict[str, list], dict]:
+    """Resize an image's expert maps to label resolution and encode them, in ``labels.KINDS``
+    order. Returns ({task: [(member name, bytes)]}, seg histograms)."""
+    hw = labels.label_shape(image_hw, label_scale)
+    out: dict[str, list] = {t: [] for t in tasks}
+    hist: dict = {}
+    for task in tasks:
+        if task not in maps:
+            raise ValueError(f"the {task} expert returned no {task!r} map (got {sorted(maps)})")
+    for kind in labels.KINDS:
+        if kind not in maps or labels.task_of(kind) not in out:
+            continue
+        arr = labels.resize_map(kind, np.asarray(maps[kind]), hw)
+        out[labels.task_of(kind)].append(
+            (labels.member_name(key, kind), labels.encode(kind, arr, image_size=image_hw)))
+        if kind == "seg":
+            hist["pixels"] = np.bincount(arr.ravel(), minlength=256).astype(np.int64)
+            if "instance_classes" in maps:  # an expert that reports its painted instances' classes
+                cls = np.asarray(maps["instance_classes"], np.int64).ravel()
+                hist["instances"] = np.bincount(cls[(cls >= 0) & (cls < 256)], minlength=256)
+            else:
+                hist["instances"] = count_instances(arr)
+    return out, hist
+
+
+def _predict(expert, images: list[np.ndarray]) -> list[dict | Exception]:
+    """Run a batch; if the batch raises, retry image by image so one bad image costs only itself."""
+    try:
+        preds = expert.predict(images)
+        if len(preds) != len(images):
+            raise RuntimeError(f"{type(expert).__name__}.predict returned {len(preds)} results "
+                               f"for {len(images)} images")
+        return list(preds)
+    except Exception:
+        if len(images) == 1:
+            import traceback
+
+            return [RuntimeError(traceback.format_exc(limit=3).strip().splitlines()[-1])]
+        return [r for img in images for r in _predict(expert, [img])]
+
+
+def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, experts: dict,
+                  cfg: WorkerConfig) -> dict:
+    """Label one source shard (see module doc). Returns the stats dict also written as marker."""
+    t_start = time.perf_counter()
+    src, out_root = Path(src_tar), Path(out_root)
+    name, stem = src.name, src.stem
+    tasks = cfg.tasks
+    missing = [t for t in tasks if t not in experts]
+    if missing:
+        raise ValueError(f"no expert for task(s) {missing}")
+    marker = stats_path(out_root, stem)
+    marker.unlink(missing_ok=True)  # the shard is being redone: it is not complete any more
+    _remove_stale_tmp(marker.parent, marker.name)
+    for t in tasks:
+        _remove_stale_tmp(out_root / t, name)
+
+    # experts shared by several tasks run once per batch
+    groups: dict[int, tuple] = {}
+    for t in tasks:
+        groups.setdefault(id(experts[t]), (experts[t], []))[1].append(t)
+
+    skips: list[dict] = []
+    pixels = np.zeros(256, np.int64)
+    instances = np.zeros(256, np.int64)
+    n_ok = 0
+    timing = {"experts": 0.0, "wait_decode": 0.0, "wait_encode": 0.0}
+    writers = {t: _AtomicTarWriter(tar_path(out_root, t, name)) for t in tasks}
+    try:
+        with cf.ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode") as dpool, \
+                cf.ThreadPoolExecutor(cfg.encode_threads, thread_name_prefix="encode") as epool:
+            encoded: deque[tuple[int, str, cf.Future]] = deque()
+
+            def write_ready(limit: int) -> None:
+                nonlocal n_ok, pixels, instances
+                while encoded and (len(encoded) > limit or encoded[0][2].done()):
+                    index, key, fut = encoded.popleft()
+                    t0 = time.perf_counter()
+                    try:
+                        members, hist = fut.result()
+                    except Exception as e:  # noqa: BLE001 - recorded as a skip
+                        skips.append({"index": index, "key": key, "reason": "label_encode_error",
+                                      "detail": f"{type(e).__name__}: {e}"})
+                        continue
+                    finally:
+                        timing["wait_encode"] += time.perf_counter() - t0
+                    for t in tasks:
+                        for member, data in members[t]:
+                            writers[t].add(member, data)
+                    if "pixels" in hist:
+                        pixels += hist["pixels"]
+                        instances += hist["instances"]
+                    n_ok += 1
+
+            def run_batch(batch: list[tuple[int, Sample]]) -> None:
+                t0 = time.perf_counter()
+                images = [s.image for _, s in batch]
+                merged: list[dict | Exception] = [{} for _ in batch]
+                for expert, _tasks in groups.values():
+                    for i, pred in enumerate(_predict(expert, images)):
+                        if isinstance(merged[i], Exception):
+                            continue
+                        merged[i] = pred if isinstance(pred, Exception) else {**merged[i], **pred}
+                timing["experts"] += time.perf_counter() - t0
+                for (index, s), maps in zip(batch, merged):
+                    if isinstance(maps, Exception):
+                        skips.append({"index": index, "key": s.key, "reason": "expert_error",
+                                      "detail": str(maps)})
+                        continue
+                    encoded.append((index, s.key, epool.submit(
+                        encode_maps, s.key, maps, tuple(s.image.shape[:2]), tasks, cfg.label_scale)))
+
+            batch: list[tuple[int, Sample]] = []
+            prefetch = 2 * cfg.batch_size + cfg.decode_threads
+            stream = _decoded(src, dpool, prefetch, cfg.max_pixels)
+            while True:
+                t0 = time.perf_counter()
+                item = next(stream, None)
+                timing["wait_decode"] += time.perf_counter() - t0
+                if item is None:
+                    break
+                index, s = item
+                if isinstance(s, Skip):
+                    skips.append({"index": index, **s.as_dict()})
+                    continue
+                if cfg.sample_delay:
+                    time.sleep(cfg.sample_delay)
+                batch.append((index, s))
+                if len(batch) == cfg.batch_size:
+                    run_batch(batch)
+                    batch = []
+                    write_ready(limit=2 * cfg.batch_size)
+            if batch:
+                run_batch(batch)
+            write_ready(limit=0)
+        n_expert_errors = sum(1 for s in skips if s["reason"] == "expert_error")
+        if n_ok == 0 and n_expert_errors:
+            raise RuntimeError(f"{src}: every image failed in the experts; first error: "
+                               f"{next(s['detail'] for s in skips if s['reason'] == 'expert_error')}")
+        for w in writers.values():
+            w.finish()
+        outputs = {}
+        for t, w in writers.items():  # every tar is complete on disk before the first rename
+            outputs[t] = {"path": f"{t}/{name}", **w.commit()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+    skips.sort(key=lambda s: s["index"])
+    reasons: dict[str, int] = {}
+    for s in skips:
+        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+    stats = {
+        "stats_version": STATS_VERSION,
+        "format_version": labels.FORMAT_VERSION,
+        "shard": stem,
+        "source": str(src),
+        "source_bytes": src.stat().st_size,
+        "fingerprint": cfg.fingerprint,
+        "ok": n_ok,
+        "skipped": len(skips),
+        "skip_reasons": reasons,
+        "skips": skips,
+        "outputs": outputs,
+        "class_pixels": pixels[:labels.NUM_SEG_CLASSES + 1].tolist(),
+        "ignore_pixels": int(pixels[labels.SEG_IGNORE]),
+        "class_instances": instances[:labels.NUM_SEG_CLASSES + 1].tolist(),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "timing": {k: round(v, 3) for k, v in timing.items()},
+        "worker": {"host": socket.gethostname(), "pid": os.getpid()},
+    }
+    write_json_atomic(marker, stats)  # last: its presence means the shard is complete
+    return stats
+
+
+class ShardWorker:
+    """Ray actor body (``pipeline.job`` wraps it with ``ray.remote``): experts load once."""
+
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        if cfg.cpu_affinity:
+            os.sched_setaffinity(0, cfg.cpu_affinity)
+        import torch
+
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.experts = build_experts(cfg.tasks, cfg.profile, device, cfg.options, cfg.factory)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device,
+                "experts": {t: e.describe() for t, e in self.experts.items()}}
+
+    def process(self, src_tar: str, out_root: str) -> dict:
+        return process_shard(src_tar, out_root, self.experts, self.cfg)
+
+
+def build_experts(tasks, profile: str, device: str = "cpu", options: dict | None = None,
+                  factory: str = "expert_wrappers:build_experts") -> dict:
+    """``factory(tasks, profile=, device=, options=) -> {task: Expert}``; the default is the
+    project's expert zoo, another ``module:function`` plugs in other experts."""
+    import importlib
+
+    module, _, func = factory.partition(":")
+    build = getattr(importlib.import_module(module), func or "build_experts")
+    return build(list(tasks), profile=profile, device=device, options=options or None)
+
+
+def config_dict(cfg: WorkerConfig) -> dict:
+    d = asdict(cfg)
+    d["tasks"] = list(cfg.tasks)
+    return d
