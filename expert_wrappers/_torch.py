@@ -1,0 +1,95 @@
+"""What every torch expert shares: device placement, precision, batching and input checks."""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .base import Expert
+
+DEFAULT_SEED = 0
+
+
+def check_images(images: Sequence[np.ndarray]) -> None:
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            shape = getattr(img, "shape", None)
+            dtype = getattr(img, "dtype", type(img).__name__)
+            raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {dtype} {shape}")
+        if img.shape[0] < 1 or img.shape[1] < 1:
+            raise ValueError(f"image {i} is empty: {img.shape}")
+
+
+def shape_groups(shapes: Sequence[tuple[int, int]], max_batch: int) -> list[list[int]]:
+    """Indices grouped by equal network-input shape, each group cut into batches of ``max_batch``.
+
+    Experts whose output depends on padding (a ViT attends to it; align_corners upsampling shifts
+    with it) batch only equal shapes, so an image's labels never depend on its batch neighbours.
+    """
+    groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+    for i, s in enumerate(shapes):
+        groups.setdefault(tuple(s), []).append(i)
+    return [idx[k:k + max_batch] for idx in groups.values() for k in range(0, len(idx), max_batch)]
+
+
+def chunks(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+@contextlib.contextmanager
+def seeded(seed: int = DEFAULT_SEED):
+    """Seed model construction without disturbing the caller's global RNG stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def multiple_of(x: float, m: int = 32, lo: int | None = None) -> int:
+    y = int(round(x / m) * m)
+    return max(lo if lo is not None else m, y)
+
+
+class TorchExpert(Expert):
+    """Base for torch experts: inference mode always; on CUDA bf16 (fp16 where bf16 is not
+    supported) autocast and channels_last; on CPU plain fp32, which is deterministic."""
+
+    def __init__(self, device: str | torch.device = "cpu", max_batch: int = 8) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.max_batch = int(max_batch)
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.on_cuda = self.device.type == "cuda"
+        self.amp_dtype = None
+        if self.on_cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.eval().requires_grad_(False).to(self.device)
+        if self.on_cuda:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def to_device(self, img: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) -> uint8 (3, H, W) on the device; the float conversion happens there,
+        so only a quarter of the bytes cross the bus."""
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        return t.to(self.device, non_blocking=True)
+
+    def channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.on_cuda else x.contiguous()
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["device"] = str(self.device)
+        d["precision"] = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32"
+        return d

@@ -1,0 +1,148 @@
+"""Depth expert: DPT (transformers ``DPTForDepthEstimation``), DESIGN.md §3.
+
+Output is relative inverse depth (larger = nearer), non-negative, with an arbitrary per-checkpoint
+scale (dpt-large ~6, dpt-hybrid-midas ~550 on the same image) — consumers normalise per image.
+
+Preprocessing follows the original DPT ``run_monodepth`` rather than the hub's processor config
+(which squashes every image to 384x384): keep the aspect ratio and scale "as little as possible"
+so that one side reaches 384, both sides rounded to a multiple of 32 — for any image at least 384
+px on both sides that is "short side 384". Bicubic, /255, mean = std = 0.5. The prediction is
+resized back to the image bicubically, as the original does, and clamped at 0 because bicubic
+overshoot would otherwise create small negative inverse depths.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import weights as W
+from ._torch import TorchExpert, check_images, seeded, shape_groups
+
+DEFAULT_CHECKPOINT = "Intel/dpt-large"
+CHECKPOINTS = ("Intel/dpt-large", "Intel/dpt-hybrid-midas")
+NET_SIZE = 384
+MULTIPLE = 32
+
+
+def _constrain(x: float, multiple: int = MULTIPLE) -> int:
+    # python's round, like DPT and transformers; never 0 for a thin image
+    return max(multiple, int(round(x / multiple) * multiple))
+
+
+def dpt_input_size(h: int, w: int, size: int = NET_SIZE) -> tuple[int, int]:
+    """DPT's ``Resize(keep_aspect_ratio=True, ensure_multiple_of=32, resize_method='minimal')``."""
+    sh, sw = size / h, size / w
+    if abs(1 - sw) < abs(1 - sh):
+        sh = sw
+    else:
+        sw = sh
+    return _constrain(sh * h), _constrain(sw * w)
+
+
+def smoke_config():
+    from transformers import DPTConfig
+
+    # dpt-large is hidden 1024 x 24 layers, taps [5, 11, 17, 23], neck [256, 512, 1024, 1024], fusion 256
+    return DPTConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=2, intermediate_size=192,
+                     image_size=NET_SIZE, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+                     neck_hidden_sizes=[24, 48, 96, 96], fusion_hidden_size=32, readout_type="project",
+                     use_auxiliary_head=False)
+
+
+def build_model(profile: str, checkpoint: str = DEFAULT_CHECKPOINT, weights: str | None = None, seed: int = 0):
+    """Returns (model, name, checkpoints)."""
+    from transformers import DPTForDepthEstimation
+
+    if profile == "smoke":
+        with seeded(seed), torch.no_grad():
+            model = DPTForDepthEstimation(smoke_config())
+            # transformers' init (std 0.02) makes a random DPT output ~1e-7 everywhere; torch's
+            # default init gives a map with visible structure, closer to what downstream sees
+            for m in model.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+                    m.reset_parameters()
+            # and keep the final ReLU mostly open, so the map is positive and varies
+            last = model.head.head[-2]
+            last.weight.mul_(20.0)
+            torch.nn.init.constant_(last.bias, 1.0)
+        return model, "dpt-smoke (transformers DPT, random weights)", {}
+    explicit = weights
+    repo = checkpoint
+    if weights is None and checkpoint not in CHECKPOINTS:
+        # a local directory given as the checkpoint is an explicit path too
+        explicit, repo = checkpoint, checkpoint
+    model_dir, weight_file = W.resolve_hf(repo, what=f"depth expert (DPT {repo})", files=("config.json",),
+                                          weight_files=("model.safetensors", "pytorch_model.bin"),
+                                          explicit=explicit)
+    model = DPTForDepthEstimation.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model, f"dpt {repo}", {f"{repo.rstrip('/').rsplit('/', 1)[-1]}/{weight_file.name}": W.sha256_file(weight_file)}
+
+
+def dpt_forward(model, x: torch.Tensor) -> torch.Tensor:
+    """``DPTForDepthEstimation.forward`` for any multiple-of-patch input, square or not.
+
+    transformers' own forward recovers the token grid as sqrt(tokens) unless the model has a
+    separate backbone config, so it only accepts square inputs for dpt-large and dpt-hybrid; the
+    original DPT keeps the aspect ratio. The neck accepts the grid explicitly, so we pass it and
+    otherwise run the same modules in the same order (a test checks equality on a square input).
+    """
+    cfg = model.config
+    patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
+    out = model.dpt(x, output_hidden_states=True)
+    taps = cfg.backbone_out_indices
+    hidden = [f for i, f in enumerate(out.hidden_states[1:]) if i in taps[2 if cfg.is_hybrid else 0:]]
+    if cfg.is_hybrid:
+        hidden = list(out.intermediate_activations) + hidden
+    feats = model.neck(hidden, x.shape[-2] // patch, x.shape[-1] // patch)
+    return model.head(feats)
+
+
+class DPTExpert(TorchExpert):
+    task = "depth"
+
+    def __init__(self, model, *, name: str, device="cpu", max_batch: int = 8, net_size: int = NET_SIZE,
+                 checkpoints: dict | None = None) -> None:
+        super().__init__(device, max_batch)
+        self.model = self.prepare(model)
+        self.name = name
+        self.net_size = int(net_size)
+        self.checkpoints.update(checkpoints or {})
+
+    def preprocess(self, images: list[np.ndarray], idx: list[int]) -> torch.Tensor:
+        h, w = dpt_input_size(*images[idx[0]].shape[:2], self.net_size)
+        batch = torch.stack([self.to_device(images[i]) for i in idx]).float()
+        x = F.interpolate(batch, size=(h, w), mode="bicubic", align_corners=False)  # cv2.INTER_CUBIC-like
+        return self.channels_last(x.div_(255.0).sub_(0.5).div_(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return dpt_forward(self.model, x).float()
+
+    def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        check_images(images)
+        out: list[dict[str, np.ndarray] | None] = [None] * len(images)
+        shapes = [dpt_input_size(*im.shape[:2], self.net_size) + im.shape[:2] for im in images]
+        with torch.inference_mode():
+            # equal input *and* output shapes share a batch, so the resize back is one call too
+            for idx in shape_groups(shapes, self.max_batch):
+                pred = self.forward(self.preprocess(images, idx))
+                hw = images[idx[0]].shape[:2]
+                pred = F.interpolate(pred[:, None], size=hw, mode="bicubic", align_corners=False)[:, 0]
+                pred = pred.clamp_(min=0).cpu().numpy()
+                for j, i in enumerate(idx):
+                    out[i] = {"depth": pred[j]}
+        return out  # type: ignore[return-value]
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(net_size=self.net_size, output="relative inverse depth (larger = nearer), >= 0")
+        return d
+
+
+def build(profile: str = "default", device: str = "cpu", *, checkpoint: str = DEFAULT_CHECKPOINT,
+          weights: str | None = None, seed: int = 0, **options) -> DPTExpert:
+    """Options: checkpoint ('Intel/dpt-large' | 'Intel/dpt-hybrid-midas' | local dir), weights
+    (local model directory), max_batch, net_size."""
+    model, name, ckpts = build_model(profile, checkpoint, weights, seed)
+    return DPTExpert(model, name=name, device=device, checkpoints=ckpts, **options)
