@@ -1,0 +1,482 @@
+"""Streaming training data: img2dataset shards joined by key with the selected label trees.
+
+Pipeline of one (rank, stream) — a stream is what one DataLoader worker reads:
+
+    chunk c: K shards (drawn with replacement in resampled mode, else an epoch-shuffled split of the
+             shards by rank and stream) read by webdataset and interleaved
+      -> per shard: strict join with <labels>/<task>/<shard>.tar by key (a missing, mismatched or
+         orphan label key is skipped and counted; nothing is zipped by position)
+      -> webdataset shuffle buffer (seeded by seed/rank/stream/chunk)
+      -> variable-resolution batches: step s has shape (h, w, batch) drawn by corenet's rule from a
+         seed shared by all ranks, so every rank sees the same batch size (the global contrastive
+         loss all-gathers equal-sized tensors) and the stream never ends (no DDP hang)
+      -> decode + the same geometric augmentation on image and labels + tokenised caption
+
+Everything random is a pure function of (seed, rank, stream, chunk or step), and a batch carries
+its stream position (chunk, items consumed in it). Checkpoints store these positions, so a resumed
+run rebuilds the chunk, skips the consumed items without decoding them and produces exactly the
+batches the uninterrupted run would have produced.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline import labels as L
+from pipeline.shards import IMAGE_EXTS, decode_image
+
+log = logging.getLogger(__name__)
+
+TASK_KINDS = {"seg": ["seg"], "depth": ["depth"], "normal": ["normal"]}
+REASONS = ("samples_skipped", "bad_image", "missing_caption", "source_read_error", "label_read_error",
+           "missing_seg", "missing_depth", "missing_normal", "orphan_seg", "orphan_depth", "orphan_normal",
+           "bad_seg", "bad_depth", "bad_normal")
+R = {r: i for i, r in enumerate(REASONS)}
+MAX_CONSECUTIVE_SKIPS = 5000
+
+
+class DataError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# shard sets
+
+
+def resolve_shards(spec: str) -> tuple[str, list[Path], int | None, Path | None]:
+    """``spec`` is a manifest name/yaml (manifests/<name>.yaml), a folder of .tar shards or a brace
+    pattern. Returns (name, shard paths, expected samples or None, the manifest's label output or None)."""
+    from braceexpand import braceexpand
+
+    from pipeline.manifest import load_manifest
+
+    p = Path(spec)
+    if p.is_dir():
+        shards = sorted(p.glob("*.tar"))
+        if not shards:
+            raise DataError(f"no .tar shards in {p}")
+        return p.name, shards, None, None
+    if "{" in spec or spec.endswith(".tar"):
+        shards = [Path(s) for s in braceexpand(spec) if Path(s).is_file()]
+        if not shards:
+            raise DataError(f"pattern {spec!r} matches no shard")
+        return p.stem.split("{")[0] or "shards", shards, None, None
+    ss = load_manifest(spec)
+    return ss.name, list(ss.shards), ss.expected_samples, ss.output
+
+
+def count_samples(shards: list[Path], limit: int = 64) -> int:
+    """Number of image members of the shards (counted on up to ``limit`` shards, extrapolated)."""
+    counted = 0
+    for s in shards[:limit]:
+        try:
+            with tarfile.open(s) as tar:
+                counted += sum(1 for n in tar.getnames() if n.rpartition(".")[2].lower() in IMAGE_EXTS)
+        except (tarfile.TarError, OSError):
+            pass
+    return round(counted * len(shards) / max(1, min(limit, len(shards))))
+
+
+def label_files(label_root: Path | None, tasks: list[str], shards: list[Path]) -> tuple[list[Path], dict, list[str]]:
+    """Keep the shards whose label tars exist for every selected task. Returns (shards, {task: [tar per
+    shard]}, excluded shard names)."""
+    if not tasks:
+        return list(shards), {}, []
+    if label_root is None or not Path(label_root).is_dir():
+        raise DataError(f"label folder {label_root} does not exist; run `make pseudolabel` first "
+                        f"or train the CLIP-FT baseline with --tasks none")
+    root = Path(label_root)
+    for t in tasks:
+        if not (root / t).is_dir():
+            raise DataError(f"no {t!r} label tree under {root} (expected {root / t}/<shard>.tar); "
+                            f"drop the task with --tasks or make the labels")
+    keep, excluded = [], []
+    for s in shards:
+        (keep if all((root / t / s.name).is_file() for t in tasks) else excluded).append(s)
+    if not keep:
+        raise DataError(f"none of the {len(shards)} shards has label tars for all of {tasks} under {root}")
+    return keep, {t: [root / t / s.name for s in keep] for t in tasks}, [s.name for s in excluded]
+
+
+# ------------------------------------------------------------------------------------------------
+# corenet-style variable batch shapes
+
+
+def _make_divisible(v: float, d: int) -> int:
+    new = max(d, int(v + d / 2) // d * d)
+    return new + d if new < 0.9 * v else new
+
+
+def image_batch_pairs(base: int, lo: int, hi: int, n: int, multiple: int, batch: int) -> list[tuple[int, int, int]]:
+    """corenet's ``image_batch_pairs`` (square sizes): sizes linspace(lo, hi, n) plus the base, each a
+    multiple of ``multiple``; batch = floor(base^2 * batch / size^2), at least 1. Sorted (h, w, batch)."""
+    sizes = sorted({_make_divisible(v, multiple) for v in list(np.linspace(lo, hi, n)) + [base]})
+    return sorted({(s, s, max(1, int(base * base * batch / (s * s)))) for s in sizes})
+
+
+def step_shape(pairs: list, seed: int, step: int) -> tuple[int, int, int]:
+    """The (h, w, batch) of a step: the same on every rank (a seed shared by all)."""
+    return random.Random(f"{seed}/shape/{step}").choice(pairs)
+
+
+# ------------------------------------------------------------------------------------------------
+# reading and joining by key
+
+
+def _tar_groups(path: str, errors: list) -> Iterator[dict]:
+    """webdataset: tar stream -> samples grouped by key. Read errors are appended to ``errors``."""
+    import webdataset as wds
+
+    def handler(exn):
+        errors.append(exn)
+        return True
+
+    streams = wds.tariterators.url_opener([{"url": str(path)}], handler=handler)
+    files = wds.tariterators.tar_file_expander(streams, handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
+
+
+class _LabelStream:
+    """One label tar read forward, matched to source keys. Keys are in source order by contract, but a
+    source sample may have no labels (the job skipped it) and a label may have no source sample: up to
+    ``lookahead`` records are held while looking for a key; records passed over by a match, evicted
+    from a full buffer or left at the end are orphans."""
+
+    def __init__(self, path: str, lookahead: int):
+        self.errors: list = []
+        self.it = _tar_groups(path, self.errors)
+        self.pending: OrderedDict[str, dict] = OrderedDict()
+        self.lookahead = lookahead
+        self.orphans = 0
+        self.done = False
+
+    def _drop_before(self, key: str) -> None:
+        while self.pending:
+            k = next(iter(self.pending))
+            if k == key:
+                return
+            self.pending.popitem(last=False)
+            self.orphans += 1
+
+    def take(self, key: str) -> dict | None:
+        if key in self.pending:
+            self._drop_before(key)
+            return self.pending.pop(key)
+        for _ in range(self.lookahead):
+            if self.done:
+                break
+            rec = next(self.it, None)
+            if rec is None:
+                self.done = True
+                break
+            k = rec["__key__"]
+            if k == key:
+                self.orphans += len(self.pending)
+                self.pending.clear()
+                return rec
+            if k in self.pending:  # duplicate key in the label tar
+                self.orphans += 1
+                continue
+            self.pending[k] = rec
+            if len(self.pending) > self.lookahead:
+                self.pending.popitem(last=False)
+                self.orphans += 1
+        return None
+
+    def finish(self) -> None:
+        self.orphans += len(self.pending) + sum(1 for _ in self.it)
+        self.pending.clear()
+        self.done = True
+
+
+def _skip(reason: str) -> tuple:
+    return ("__skip__", reason)
+
+
+def join_shard(source: str, label_tars: dict[str, str], kinds: dict[str, list[str]],
+               lookahead: int = 32) -> Iterator[dict | tuple]:
+    """Yield, in source order, records ``{"key", "img", "txt", "labels": {task: {kind: bytes}}}`` of
+    source samples that have every selected label kind, and ``("__skip__", reason)`` for everything
+    that could not be used (counted by the batcher)."""
+    src_errors: list = []
+    streams = {t: _LabelStream(p, lookahead) for t, p in label_tars.items()}
+    seen_errors = {t: 0 for t in streams}
+    for s in _tar_groups(source, src_errors):
+        while src_errors:
+            src_errors.pop()
+            yield _skip("source_read_error")
+        key = s["__key__"]
+        ext = next((e for e in IMAGE_EXTS if e in s), None)
+        rec = {"key": key, "img": s.get(ext) if ext else None, "txt": s.get("txt"), "labels": {}}
+        missing = []
+        for t, st in streams.items():
+            lab = st.take(key)
+            if len(st.errors) > seen_errors[t]:
+                for _ in range(len(st.errors) - seen_errors[t]):
+                    yield _skip("label_read_error")
+                seen_errors[t] = len(st.errors)
+            members = {k: lab.get(f"{k}.{L.MEMBER_EXT}") for k in kinds[t]} if lab is not None else {}
+            if lab is None or any(v is None for v in members.values()):
+                missing.append(t)
+            else:
+                rec["labels"][t] = members
+        for t, st in streams.items():
+            for _ in range(st.orphans):
+                yield _skip(f"orphan_{t}")
+            st.orphans = 0
+        if missing:
+            for t in missing:
+                yield _skip(f"missing_{t}")
+            yield _skip("samples_skipped")
+            continue
+        yield rec
+    for _ in src_errors:
+        yield _skip("source_read_error")
+    for t, st in streams.items():  # labels left over after the source ended: orphans
+        st.finish()
+        for _ in range(st.orphans):
+            yield _skip(f"orphan_{t}")
+        for _ in range(len(st.errors) - seen_errors[t]):
+            yield _skip("label_read_error")
+
+
+def _roundrobin(iters: list[Iterator]) -> Iterator:
+    iters = list(iters)
+    while iters:
+        for it in list(iters):
+            try:
+                yield next(it)
+            except StopIteration:
+                iters.remove(it)
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding and augmentation
+
+
+class SampleError(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def rrc_box(H: int, W: int, out_h: int, out_w: int, scale, ratio, rng: random.Random) -> tuple:
+    """torchvision's RandomResizedCrop parameters, as a float box (left, top, right, bottom), with the
+    aspect-ratio range centred on the output's aspect."""
+    area, target = H * W, out_w / out_h
+    lo, hi = math.log(ratio[0] * target), math.log(ratio[1] * target)
+    for _ in range(10):
+        a = area * rng.uniform(scale[0], scale[1])
+        r = math.exp(rng.uniform(lo, hi))
+        w, h = math.sqrt(a * r), math.sqrt(a / r)
+        if 0 < w <= W and 0 < h <= H:
+            left, top = rng.uniform(0, W - w), rng.uniform(0, H - h)
+            return (left, top, left + w, top + h)
+    # fallback: the largest centred crop with the output's aspect
+    if W / H > target:
+        w, h = H * target, H
+    else:
+        w, h = W, W / target
+    left, top = (W - w) / 2, (H - h) / 2
+    return (left, top, left + w, top + h)
+
+
+def _resize_f(arr: np.ndarray, size: tuple[int, int], box, resample) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(arr, np.float32)).resize(size, resample, box=box))
+
+
+def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random, kinds: dict,
+                crop_scale=(0.5, 1.0), crop_ratio=(0.75, 4 / 3), hflip: float = 0.5) -> dict:
+    """Decode one joined record and apply one random resized crop + flip to the image and its labels
+    (crop coordinates scaled to each label's resolution; a flip negates the normals' x)."""
+    if rec["img"] is None:
+        raise SampleError("bad_image")
+    try:
+        img, _ = decode_image(rec["img"])
+    except ValueError:
+        raise SampleError("bad_image") from None
+    try:
+        caption = (rec["txt"] or b"").decode("utf-8").strip()
+    except UnicodeDecodeError:
+        caption = ""
+    if not caption:
+        raise SampleError("missing_caption")
+    H, W = img.shape[:2]
+    box = rrc_box(H, W, h, w, crop_scale, crop_ratio, rng)
+    flip = rng.random() < hflip
+    out = {"caption": caption}
+    pil = Image.fromarray(img).resize((w, h), Image.BILINEAR, box=box)
+    image = np.asarray(pil)
+    out["image"] = image[:, ::-1] if flip else image
+    for task, members in rec["labels"].items():
+        for kind in kinds[task]:
+            try:
+                header, arr = L.decode_with_header(members[kind])
+            except L.LabelFormatError:
+                raise SampleError(f"bad_{task}") from None
+            if header["kind"] != kind or tuple(header.get("image_size", ())) != (H, W):
+                raise SampleError(f"bad_{task}")  # a label made for another image
+            lH, lW = arr.shape[:2]
+            sx, sy = lW / W, lH / H
+            lbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            if kind == "seg":
+                y = np.asarray(Image.fromarray(arr).resize((lw, lh), Image.NEAREST, box=lbox))
+            elif kind == "normal":
+                y = np.stack([_resize_f(arr[..., c], (lw, lh), lbox, Image.BILINEAR) for c in range(3)])
+                y /= np.maximum(np.linalg.norm(y, axis=0, keepdims=True), 1e-6)
+                if flip:
+                    y[0] = -y[0]
+            else:  # depth, confidences
+                y = _resize_f(arr, (lw, lh), lbox, Image.BILINEAR)
+            out[kind] = np.ascontiguousarray(y[..., ::-1] if flip else y)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the stream
+
+
+class TrainStream(IterableDataset):
+    """Infinite batches for one rank. With ``num_streams`` DataLoader workers, worker w produces the
+    steps ``start_step + w + j * num_streams`` from stream ``(start_step + w) % num_streams``, so the
+    step -> stream mapping (and with it the data order) does not depend on where a run was resumed."""
+
+    def __init__(self, shards: list, label_tars: dict[str, list], tasks: list[str], data_cfg, *, seed: int,
+                 rank: int, world_size: int, num_streams: int, start_step: int = 0, positions=None,
+                 arch: str = "ViT-B-16", model_config_dir: str | None = None, kappa: bool = False):
+        super().__init__()
+        self.shards = [str(s) for s in shards]
+        self.label_tars = {t: [str(p) for p in v] for t, v in label_tars.items()}
+        self.tasks = list(tasks)
+        self.kinds = {t: list(TASK_KINDS[t]) for t in self.tasks}
+        if kappa and "normal" in self.kinds:
+            self.kinds["normal"].append("normal_conf")
+        self.cfg = data_cfg
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_streams = max(1, num_streams)
+        self.start_step = start_step
+        self.positions = [tuple(p) for p in positions] if positions else [(0, 0)] * self.num_streams
+        if len(self.positions) != self.num_streams:
+            raise DataError(f"{len(self.positions)} stream positions for {self.num_streams} streams")
+        self.arch, self.model_config_dir = arch, model_config_dir
+        c = data_cfg
+        self.pairs = image_batch_pairs(c.base_resolution, c.min_resolution, c.max_resolution, c.num_scales,
+                                       c.size_multiple, c.batch_size)
+        self._tokenizer = None
+
+    # -- which shards a chunk reads ---------------------------------------------------------------
+    def chunk_shards(self, stream: int, chunk: int) -> list[int]:
+        n, k = len(self.shards), self.cfg.shards_per_chunk
+        if self.cfg.resampled:
+            rng = random.Random(f"{self.seed}/shards/{self.rank}/{stream}/{chunk}")
+            return [rng.randrange(n) for _ in range(k)]
+        # epoch-shuffled shard list, split by rank (node) and by stream (worker)
+        mine_len = len(range(n)[self.rank::self.world_size][stream::self.num_streams])
+        if mine_len == 0:
+            raise DataError(f"{n} shards cannot be split over {self.world_size} ranks x {self.num_streams} "
+                            f"workers; use data.resampled: true or fewer workers")
+        per_epoch = math.ceil(mine_len / k)
+        epoch, i = divmod(chunk, per_epoch)
+        order = list(range(n))
+        random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
+        mine = order[self.rank::self.world_size][stream::self.num_streams]
+        return mine[i * k:(i + 1) * k]
+
+    def chunk_items(self, stream: int, chunk: int) -> Iterator:
+        import webdataset as wds
+
+        joined = [join_shard(self.shards[i], {t: self.label_tars[t][i] for t in self.tasks}, self.kinds,
+                             self.cfg.label_lookahead) for i in self.chunk_shards(stream, chunk)]
+        rng = random.Random(f"{self.seed}/shuffle/{self.rank}/{stream}/{chunk}")
+        return wds.filters._shuffle(_roundrobin(joined), self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
+
+    def items(self, stream: int, position: tuple[int, int]) -> Iterator[tuple]:
+        """(item, (chunk, consumed)) forever, starting after ``position``."""
+        chunk, skip = position
+        empty = 0
+        while True:
+            it = self.chunk_items(stream, chunk)
+            consumed = 0
+            for item in it:
+                consumed += 1
+                if consumed <= skip:
+                    continue  # already used before the checkpoint: not decoded
+                yield item, (chunk, consumed)
+            empty = empty + 1 if consumed == 0 else 0
+            if empty > 1000:
+                raise DataError(f"rank {self.rank} stream {stream}: 1000 chunks in a row yielded nothing")
+            chunk, skip = chunk + 1, 0
+
+    # -- batches ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            import open_clip
+
+            from trainer.model import register_model_configs
+
+            register_model_configs(self.model_config_dir)
+            self._tokenizer = open_clip.get_tokenizer(self.arch)
+        return self._tokenizer
+
+    def make_batch(self, step: int, items: Iterator, stream: int) -> dict:
+        c = self.cfg
+        h, w, bs = step_shape(self.pairs, self.seed, step)
+        lh, lw = max(1, round(h * c.label_scale)), max(1, round(w * c.label_scale))
+        rng = random.Random(f"{self.seed}/aug/{self.rank}/{step}")
+        counts = [0] * len(REASONS)
+        samples, failures, pos = [], 0, None
+        while len(samples) < bs:
+            item, pos = next(items)
+            if isinstance(item, tuple):
+                counts[R[item[1]]] += 1
+                failures += 1
+            else:
+                try:
+                    samples.append(load_sample(item, h, w, lh, lw, rng, self.kinds, c.crop_scale, c.crop_ratio,
+                                               c.hflip))
+                    failures = 0
+                except SampleError as e:
+                    counts[R[e.reason]] += 1
+                    counts[R["samples_skipped"]] += 1
+                    failures += 1
+            if failures > MAX_CONSECUTIVE_SKIPS:
+                raise DataError(f"rank {self.rank}: {failures} records in a row were unusable; counts so far: "
+                                f"{ {r: n for r, n in zip(REASONS, counts) if n} }")
+        batch = {
+            "image": torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous(),
+            "text": self.tokenizer([s["caption"] for s in samples]),
+            "step": step, "stream": stream, "pos": pos, "skips": torch.tensor(counts, dtype=torch.int64),
+        }
+        for kinds in self.kinds.values():
+            for kind in kinds:
+                batch[kind] = torch.from_numpy(np.stack([s[kind] for s in samples]))
+        return batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != self.num_streams:
+            raise DataError(f"TrainStream built for {self.num_streams} streams but read by {workers} workers")
+        stream = (self.start_step + worker) % self.num_streams
+        items = self.items(stream, self.positions[stream])
+        step = self.start_step + worker
+        while True:
+            yield self.make_batch(step, items, stream)
+            step += self.num_streams
+
+
+def make_loader(dataset: TrainStream, num_workers: int, pin_memory: bool, prefetch_factor: int = 2) -> DataLoader:
+    kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)
