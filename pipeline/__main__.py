@@ -14,22 +14,25 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from pipeline import labels
 
 
 def _options(pairs: list[str]) -> dict:
-    """``key=value`` pairs for the experts; values are parsed as JSON when they parse."""
-    opts = {}
+    """``task.key=value`` pairs -> ``{task: {key: value}}`` for the experts; values are parsed as
+    JSON when they parse (numbers, true/false, null), else kept as strings."""
+    opts: dict[str, dict] = {}
     for p in pairs:
-        key, sep, value = p.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --expert-option wants key=value, got {p!r}")
+        name, sep, value = p.partition("=")
+        task, dot, key = name.partition(".")
+        if not sep or not dot or not key or task not in labels.TASKS:
+            raise ValueError(f"--expert-option wants TASK.KEY=VALUE with TASK in {list(labels.TASKS)}, got {p!r}")
         try:
-            opts[key] = json.loads(value)
+            opts.setdefault(task, {})[key] = json.loads(value)
         except ValueError:
-            opts[key] = value
+            opts.setdefault(task, {})[key] = value
     return opts
 
 
@@ -54,8 +57,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-threads", type=int, default=2)
     ap.add_argument("--encode-threads", type=int, default=2)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--expert-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="passed to expert_wrappers.build_experts(options=...); repeatable")
+    ap.add_argument("--expert-option", action="append", default=[], metavar="TASK.KEY=VALUE",
+                    help="expert option, e.g. seg.score_threshold=0.4 or depth.checkpoint="
+                    "Intel/dpt-hybrid-midas (see expert_wrappers.build_expert); repeatable")
     ap.add_argument("--ray-address", default=None,
                     help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--verify", choices=("sha256", "size"), default="sha256",
@@ -83,7 +87,8 @@ def main(argv=None) -> int:
     except ImportError:  # older expert_wrappers
         MissingDependencyError = MissingWeightsError  # noqa: N806
 
-    signal.signal(signal.SIGTERM, _sigterm)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if in_main else None
     try:
         shard_set = load_manifest(args.shards)
         tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -102,7 +107,8 @@ def main(argv=None) -> int:
                        progress=not args.no_progress, verbose=args.verbose)
         summary = run(spec)
     except (ManifestError, MissingWeightsError, MissingDependencyError, JobConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()),
+              file=sys.stderr)
         return 2
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -111,6 +117,9 @@ def main(argv=None) -> int:
         print("interrupted; rerun the same command to resume (finished shards are kept)",
               file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     rate = summary["new_samples"] / summary["pool_seconds"] if summary["pool_seconds"] else 0.0
     print(f"pseudolabel {shard_set.name}: {summary['shards']} shards ({len(summary['processed'])} "
           f"labelled now, {len(summary['resumed'])} already complete), {summary['ok']} samples ok, "

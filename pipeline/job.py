@@ -230,7 +230,8 @@ class _Pool:
         self.actors = [self._new() for _ in range(n)]
 
     def _new(self):
-        return self.cls.options(num_cpus=self.cpus, num_gpus=self.gpus,
+        # SPREAD: workers go to different nodes when they can (one per GPU node, or CPU nodes)
+        return self.cls.options(num_cpus=self.cpus, num_gpus=self.gpus, scheduling_strategy="SPREAD",
                                 max_restarts=self.spec.max_restarts,
                                 max_task_retries=self.spec.max_task_retries).remote(self.cfg)
 

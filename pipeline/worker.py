@@ -354,8 +354,16 @@ class ShardWorker:
         return os.getpid()
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device,
-                "experts": {t: e.describe() for t, e in self.experts.items()}}
+        node = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - informative only
+            pass
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node,
+                "device": self.device, "experts": {t: e.describe() for t, e in self.experts.items()}}
 
     def process(self, src_tar: str, out_root: str) -> dict:
         return process_shard(src_tar, out_root, self.experts, self.cfg)

@@ -26,21 +26,15 @@ def sample_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_labels(sample_dir, tmp_path_factory) -> Path:
-    """Label trees for the sample shards (seg, depth, normal), as the pseudo-label job writes them."""
-    from pipeline import labels
-    from pipeline.shards import iter_samples, write_tar_atomic
+    """Label trees for the sample shards (seg, depth, normal), written by the real pseudo-label job
+    (``python -m pipeline --profile smoke`` on local Ray, 2 workers x 1 torch thread)."""
+    from pipeline.__main__ import main
 
     out = tmp_path_factory.mktemp("labels")
-    for shard in sorted(sample_dir.glob("*.tar")):
-        per_task = {t: [] for t in labels.TASKS}
-        for s in iter_samples(shard):
-            h, w = s.image.shape[:2]
-            grey = s.image.mean(-1).astype(np.float32)
-            maps = {"seg": (grey // 64).astype(np.uint8), "depth": grey / 255.0,
-                    "normal": np.broadcast_to(np.float32([0, 0, -1]), (h, w, 3)).copy(),
-                    "normal_conf": np.full((h, w), 10, np.float32)}
-            for task, members in labels.encode_sample(s.key, maps, (h, w)).items():
-                per_task[task] += members.items()
-        for task, members in per_task.items():
-            write_tar_atomic(out / task / shard.name, members)
+    manifest = out.parent / f"{out.name}-sample.yaml"
+    manifest.write_text(f"name: sample\nroot: {sample_dir}\nshards: \"{{00000..00001}}.tar\"\n"
+                        f"expected_samples: 16\noutput: {out}\n")
+    rc = main(["--shards", str(manifest), "--profile", "smoke", "--out", str(out), "--workers", "2",
+               "--threads-per-worker", "1", "--no-progress"])
+    assert rc == 0, "the smoke pseudo-label job failed (see stderr)"
     return out

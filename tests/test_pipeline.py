@@ -1,0 +1,323 @@
+"""Pseudo-label worker, resume planning, manifest, CLI errors and preview — no Ray here (the Ray
+job, faults and clusters are in test_pipeline_ray.py / test_pipeline_cluster.py)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import labels
+from pipeline.shards import Sample, iter_samples, tar_bytes
+from pipeline.worker import WorkerConfig, process_shard, stats_path
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILE = "smoke"
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared with the Ray tests
+
+
+def source_keys(shard: Path) -> list[str]:
+    """Keys of the samples that decode, in source order."""
+    return [s.key for s in iter_samples(shard) if isinstance(s, Sample)]
+
+
+def label_members(tar: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(tar) as t:
+        return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def label_keys(tar: Path) -> list[str]:
+    keys: list[str] = []
+    for name, _ in label_members(tar):
+        key, _kind = labels.split_member_name(name)
+        if not keys or keys[-1] != key:
+            keys.append(key)
+    return keys
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    """Every label tar under root (relative path -> bytes)."""
+    return {str(p.relative_to(root)): p.read_bytes()
+            for task in labels.TASKS for p in sorted((root / task).glob("*.tar"))}
+
+
+def assert_aligned(src_dir: Path, out: Path, tasks=labels.TASKS) -> None:
+    shards = sorted(src_dir.glob("*.tar"))
+    for task in tasks:
+        assert sorted(p.name for p in (out / task).glob("*.tar")) == [p.name for p in shards], task
+        for shard in shards:
+            assert label_keys(out / task / shard.name) == source_keys(shard), (task, shard.name)
+
+
+def write_manifest_yaml(path: Path, root: Path, name: str = "test", pattern: str = "*.tar") -> Path:
+    shards = sorted(p.name for p in root.glob(pattern))
+    pattern = "{" + ",".join(p[:-4] for p in shards) + "}.tar" if len(shards) > 1 else shards[0]
+    path.write_text(f"name: {name}\nroot: {root}\nshards: \"{pattern}\"\noutput: {root}/labels\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke_experts():
+    import torch
+
+    from pipeline.worker import build_experts
+
+    torch.set_num_threads(1)
+    return build_experts(labels.TASKS, PROFILE, "cpu")
+
+
+@pytest.fixture(scope="module")
+def null_experts():
+    """Zero-cost constant maps: for tests about the data path, not the maps' content."""
+    from pipeline.worker import build_experts
+
+    return build_experts(labels.TASKS, "null", "cpu")
+
+
+def small_shard(src: Path, dst: Path, n: int) -> Path:
+    """The first ``n`` samples of a shard, as a new shard."""
+    keys = source_keys(src)[:n]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(tar_bytes([(m, d) for m, d in label_members(src) if m.split(".")[0] in keys]))
+    return dst
+
+
+def _cfg(**kw) -> WorkerConfig:
+    return WorkerConfig(profile=PROFILE, torch_threads=1, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker
+
+
+@pytest.mark.timeout(300)
+def test_process_shard_labels_every_sample_in_source_order(sample_dir, null_experts, tmp_path):
+    shard = sorted(sample_dir.glob("*.tar"))[0]
+    stats = process_shard(shard, tmp_path, null_experts, _cfg(batch_size=3))
+    keys = source_keys(shard)
+    assert stats["ok"] == len(keys) == 8 and stats["skipped"] == 0 and stats["skips"] == []
+    images = {s.key: s.image.shape[:2] for s in iter_samples(shard)}
+    for task in labels.TASKS:
+        tar = tmp_path / task / shard.name
+        assert label_keys(tar) == keys
+        members = label_members(tar)
+        # the streaming writer makes the same bytes as the reference writer
+        assert tar.read_bytes() == tar_bytes(members)
+        assert stats["outputs"][task]["members"] == len(members)
+        for name, data in members:
+            key, kind = labels.split_member_name(name)
+            header, arr = labels.decode_with_header(data)
+            assert tuple(header["image_size"]) == images[key]
+            assert arr.shape[:2] == labels.label_shape(images[key], 0.5)
+    kinds = {labels.split_member_name(n)[1] for n, _ in label_members(tmp_path / "normal" / shard.name)}
+    assert {"normal", "normal_conf"} <= kinds
+    marker = json.loads(stats_path(tmp_path, shard.stem).read_text())
+    assert marker["ok"] == 8 and marker["outputs"]["seg"]["sha256"] == stats["outputs"]["seg"]["sha256"]
+    assert sum(marker["class_pixels"]) + marker["ignore_pixels"] == sum(
+        int(np.prod(labels.label_shape(hw, 0.5))) for hw in images.values())
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.timeout(300)
+def test_process_shard_is_deterministic_and_rewrites_atomically(sample_dir, smoke_experts, tmp_path):
+    shard = small_shard(sorted(sample_dir.glob("*.tar"))[1], tmp_path / "src" / "00001.tar", 3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    process_shard(shard, a, smoke_experts, _cfg(batch_size=3))
+    # a stale temporary file from a killed worker is removed, the old marker is dropped first
+    (b / "seg").mkdir(parents=True)
+    (b / "seg" / f".{shard.name}.tmp999999").write_bytes(b"partial")
+    process_shard(shard, b, smoke_experts, _cfg(batch_size=3))
+    assert tree_files(a) == tree_files(b)
+    assert not list((b / "seg").glob(".*"))
+
+
+def _damaged_dir(sample_dir: Path, root: Path) -> dict[str, list[str]]:
+    """Shards with a truncated tar, corrupt/truncated JPEGs, a missing caption and an empty file.
+    Returns the keys expected to be labelled per shard."""
+    root.mkdir(parents=True, exist_ok=True)
+    src = sorted(sample_dir.glob("*.tar"))
+    raw = src[0].read_bytes()
+    # cut in the middle of the archive: the samples before the damage are kept
+    (root / "00000.tar").write_bytes(raw[: len(raw) * 3 // 5])
+    members = label_members(src[1])
+    bad = []
+    for name, data in members:
+        if name == "000010001.jpg":
+            data = data[: len(data) // 3]  # truncated JPEG
+        elif name == "000010003.jpg":
+            data = b"\xff\xd8\xff\xe0 this is not a jpeg" * 10
+        elif name == "000010005.txt":
+            continue  # no caption
+        bad.append((name, data))
+    (root / "00001.tar").write_bytes(tar_bytes(bad))
+    (root / "00002.tar").write_bytes(b"")
+    return {p.name: source_keys(p) for p in sorted(root.glob("*.tar"))}
+
+
+@pytest.mark.timeout(300)
+def test_damaged_shards_complete_with_skips_recorded(sample_dir, null_experts, tmp_path):
+    expected = _damaged_dir(sample_dir, tmp_path / "src")
+    assert 0 < len(expected["00000.tar"]) < 8 and len(expected["00001.tar"]) == 5
+    out = tmp_path / "out"
+    reasons = {}
+    for shard in sorted((tmp_path / "src").glob("*.tar")):
+        stats = process_shard(shard, out, null_experts, _cfg())
+        reasons[shard.stem] = {(s["key"], s["reason"]) for s in stats["skips"]}
+        assert stats["ok"] == len(expected[shard.name])
+        for task in labels.TASKS:
+            assert label_keys(out / task / shard.name) == expected[shard.name]
+    assert (None, "truncated_tar") in reasons["00000"]
+    got = dict(reasons["00001"])
+    assert set(got) == {"000010001", "000010003", "000010005"}
+    assert got["000010001"] == "truncated_image" and got["000010005"] == "missing_caption"
+    assert got["000010003"] in ("truncated_image", "not_an_image")
+    assert reasons["00002"] == {(None, "empty_tar")}
+
+
+class _FailOn:
+    """A real expert that raises on one image size: one bad image must cost only itself."""
+
+    def __init__(self, inner, bad_hw):
+        self.inner, self.bad_hw = inner, bad_hw
+        self.task, self.name, self.checkpoints = inner.task, inner.name, inner.checkpoints
+
+    def predict(self, images):
+        if any(im.shape[:2] == self.bad_hw for im in images):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.inner.predict(images)
+
+    def describe(self):
+        return self.inner.describe()
+
+
+@pytest.mark.timeout(300)
+def test_expert_error_skips_only_that_image(sample_dir, null_experts, tmp_path):
+    shard = sorted(sample_dir.glob("*.tar"))[0]
+    samples = [s for s in iter_samples(shard)]
+    bad = samples[2]
+    experts = dict(null_experts, depth=_FailOn(null_experts["depth"], bad.image.shape[:2]))
+    same_size = [s.key for s in samples if s.image.shape[:2] == bad.image.shape[:2]]
+    stats = process_shard(shard, tmp_path, experts, _cfg(batch_size=4))
+    assert [(s["key"], s["reason"]) for s in stats["skips"]] == [(k, "expert_error") for k in same_size]
+    assert "out of memory" in stats["skips"][0]["detail"]
+    for task in labels.TASKS:
+        assert label_keys(tmp_path / task / shard.name) == [s.key for s in samples if s.key not in same_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# resume planning
+
+
+@pytest.mark.timeout(300)
+def test_plan_redoes_only_shards_without_an_intact_output(sample_dir, null_experts, tmp_path):
+    from pipeline.job import plan
+
+    shards = sorted(sample_dir.glob("*.tar"))
+    cfg = _cfg(fingerprint="fp1")
+    process_shard(shards[0], tmp_path, null_experts, cfg)
+    done, todo, why = plan(shards, tmp_path, labels.TASKS, "fp1")
+    assert list(done) == ["00000"] and todo == [shards[1]] and why["00001"] == "no marker"
+    # another config -> redo
+    assert plan(shards, tmp_path, labels.TASKS, "fp2")[1] == shards
+    # a flipped byte in a tar -> redo (sha256), though the size still matches
+    depth = tmp_path / "depth" / shards[0].name
+    data = bytearray(depth.read_bytes())
+    data[1000] ^= 0xFF
+    depth.write_bytes(bytes(data))
+    done, todo, why = plan(shards, tmp_path, labels.TASKS, "fp1")
+    assert todo == shards and why["00000"] == "depth tar checksum differs"
+    assert plan(shards, tmp_path, labels.TASKS, "fp1", verify="size")[0].keys() == {"00000"}
+    depth.unlink()
+    assert plan(shards, tmp_path, labels.TASKS, "fp1", verify="size")[2]["00000"] == "depth tar missing"
+
+
+# ----------------------------------------------------------------------------------------------
+# the job's outputs (built by the session fixture, which runs the real Ray job)
+
+
+def test_smoke_labels_fixture_is_the_job_output(sample_dir, smoke_labels):
+    import pandas as pd
+
+    assert_aligned(sample_dir, smoke_labels)
+    m = json.loads((smoke_labels / "_manifest.json").read_text())
+    assert m["format_version"] == labels.FORMAT_VERSION
+    assert m["counts"]["ok"] == 16 and m["counts"]["skipped"] == 0 and m["counts"]["shards"] == 2
+    assert m["config"]["profile"] == PROFILE and m["config"]["label_scale"] == 0.5
+    assert set(m["experts"]) == set(labels.TASKS)
+    assert m["checkpoints"] == {k: v for d in m["experts"].values() for k, v in d["checkpoints"].items()}
+    assert len(m["classes"]) == len(m["class_pixels"]) == len(m["class_instances"]) == 81
+    assert m["classes"][1] == "person" and m["classes"][80] == "toothbrush"
+    assert sum(m["class_pixels"]) + m["ignore_pixels"] == sum(
+        int(np.prod(labels.label_shape(s.image.shape[:2], 0.5)))
+        for p in sorted(sample_dir.glob("*.tar")) for s in iter_samples(p))
+    df = pd.read_parquet(smoke_labels / "_manifest.parquet")
+    assert list(df["shard"]) == ["00000", "00001"] and list(df["ok"]) == [8, 8]
+    for task in labels.TASKS:
+        for _, row in df.iterrows():
+            p = smoke_labels / task / f"{row['shard']}.tar"
+            assert row[f"{task}_bytes"] == p.stat().st_size
+            from pipeline.shards import sha256_file
+
+            assert row[f"{task}_sha256"] == sha256_file(p)
+
+
+@pytest.mark.timeout(120)
+def test_preview_writes_contact_sheet_and_class_chart(sample_dir, smoke_labels, tmp_path):
+    from PIL import Image
+
+    from pipeline.preview import main
+
+    yaml = write_manifest_yaml(tmp_path / "m.yaml", sample_dir)
+    assert main(["--shards", str(yaml), "--labels", str(smoke_labels), "--n", "3",
+                 "--out", str(tmp_path / "pv")]) == 0
+    sheet = Image.open(tmp_path / "pv" / "contact_sheet.png")
+    chart = Image.open(tmp_path / "pv" / "class_frequency.png")
+    assert sheet.size[0] > 600 and sheet.size[1] > 400 and chart.size[0] > 300
+    # the sheet is not blank: images and maps were drawn
+    assert np.asarray(sheet.convert("L")).std() > 10
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI errors come back fast, as one line, exit 2
+
+
+def _cli(args, env_extra, tmp_path, timeout=60):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CLIPTEX_OFFLINE="1",
+               CLIPTEX_WEIGHTS_DIR=str(tmp_path / "weights"), HF_HOME=str(tmp_path / "hf"),
+               TORCH_HOME=str(tmp_path / "torch"), **env_extra)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    return r, time.monotonic() - t0
+
+
+@pytest.mark.timeout(120)
+def test_default_profile_offline_stops_with_missing_weights(sample_dir, tmp_path):
+    yaml = write_manifest_yaml(tmp_path / "m.yaml", sample_dir)
+    r, dt = _cli(["--shards", str(yaml), "--out", str(tmp_path / "out"), "--no-progress"], {}, tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert any(w in lines[0] for w in (".pt", ".pth", ".safetensors", "dpt", "weights")), lines[0]
+    assert dt < 30, f"took {dt:.1f} s"
+    assert not (tmp_path / "out" / "seg").exists()  # nothing started
+
+
+@pytest.mark.timeout(60)
+def test_bad_manifest_is_one_line_exit_2(tmp_path):
+    r, _ = _cli(["--shards", "no-such-set", "--profile", "null"], {}, tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: no manifest") and r.stderr.count("\n") == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nroot: /nonexistent\nshards: '{0..3}.tar'\noutput: /tmp/x\n")
+    r, _ = _cli(["--shards", str(bad), "--profile", "null"], {}, tmp_path)
+    assert r.returncode == 2 and "matches no shard" in r.stderr and r.stderr.count("\n") == 1
