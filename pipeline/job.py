@@ -170,8 +170,10 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
         ray.init(address=address, **kw)
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        # only file paths and small stats dicts go through the object store
-        ray.init(num_cpus=cpus, object_store_memory=128 << 20, **kw)
+        # address="local": always a fresh instance; a bare init() would join any cluster another
+        # process left registered on this machine (/tmp/ray/ray_current_cluster).
+        # Only file paths and small stats dicts go through the object store.
+        ray.init(address="local", num_cpus=cpus, object_store_memory=128 << 20, **kw)
     return True
 
 
