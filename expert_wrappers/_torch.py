@@ -82,6 +82,8 @@ class TorchExpert(Expert):
     def to_device(self, img: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) -> uint8 (3, H, W) on the device; the float conversion happens there,
         so only a quarter of the bytes cross the bus."""
+        if not img.flags.writeable:  # torch wants writable memory; decoded frames can be read-only
+            img = img.copy()
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
         return t.to(self.device, non_blocking=True)
 

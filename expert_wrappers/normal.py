@@ -100,23 +100,24 @@ class NormalExpert(TorchExpert):
 
     def preprocess(self, images: list[np.ndarray], idx: list[int]) -> torch.Tensor:
         hw = nll_input_size(*images[idx[0]].shape[:2], self.target_pixels)
-        x = torch.stack([self.to_device(images[i]) for i in idx]).float()
+        x = torch.stack([self.to_device(images[i]) for i in idx])
         if tuple(x.shape[-2:]) != hw:
-            # antialiased bilinear ~ the PIL bilinear resize of the official loader
+            # on uint8, antialiased bilinear is torch's PIL-compatible path: the official loader
+            # resizes the uint8 image with PIL's bilinear
             x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
-        return self.channels_last((x - self._mean) / self._std)
+        return self.channels_last((x.float() - self._mean) / self._std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             return self.model(x)[-1].float()  # the full-resolution prediction
 
     def postprocess(self, out: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 4, h, w) native -> normals (B, H, W, 3) in our frame, kappa (B, H, W)."""
+        """(B, 4, h, w) native -> normals (B, H, W, 3) in our frame, kappa (B, H, W), contiguous."""
         if tuple(out.shape[-2:]) != tuple(hw):
             out = F.interpolate(out, size=hw, mode="bilinear", align_corners=False)
-        n = torch.einsum("ij,bjhw->bhwi", self._to_ours, out[:, :3])
-        n = n / torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min(1e-6)
-        return n, out[:, 3]
+        n = torch.matmul(out[:, :3].permute(0, 2, 3, 1), self._to_ours.T)  # also makes it (B, H, W, 3)
+        n = n.mul_(torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min_(1e-6).reciprocal_())
+        return n, out[:, 3].contiguous()
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         check_images(images)

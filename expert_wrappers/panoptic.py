@@ -105,6 +105,29 @@ def _count(mu: torch.Tensor) -> torch.Tensor:
     return mu.sum(1, dtype=torch.int64) if mu.dtype != torch.uint8 else mu.sum(1, dtype=torch.int32)
 
 
+def _accept(cm: torch.Tensor, area: torch.Tensor, w: torch.Tensor, overlap_threshold: float) -> torch.Tensor:
+    """Which candidates (score order) the sequential rule keeps: the fixpoint of the module
+    docstring. Instance i sees pixel p as claimed before it iff some kept j < i covers p, i.e.
+    iff the first kept owner's weight at p exceeds i's own weight."""
+    k = cm.shape[0]
+    # only pixels under two or more candidates can be claimed by another one; on real
+    # detections they are a small fraction of the image, so the passes run on those columns
+    multi = (cm.sum(0, dtype=torch.uint8 if k < 255 else torch.int32) > 1).nonzero().squeeze(1)
+    if multi.numel() == 0:
+        return torch.ones(k, dtype=torch.bool, device=cm.device)
+    if multi.numel() < cm.shape[1] // 4:
+        cm = cm.index_select(1, multi)
+    accepted = torch.ones(k, dtype=torch.bool, device=cm.device)
+    for _ in range(k):  # fixpoint passes, not a per-instance loop: typically exits after 1-3
+        best = _first_owner(cm, w, accepted)
+        claimed_before = _count(cm * (best[None, :] > w[:, None]))
+        new = claimed_before <= overlap_threshold * area  # detectron2 skips when ratio > threshold
+        if torch.equal(new, accepted):
+            break
+        accepted = new
+    return accepted
+
+
 def instances_to_semantic(det: Detections, hw: tuple[int, int], *, score_threshold: float = 0.5,
                           overlap_threshold: float = 0.5, ignore_threshold: float | None = None,
                           confidence: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,31 +147,35 @@ def instances_to_semantic(det: Detections, hw: tuple[int, int], *, score_thresho
     if tuple(det.masks.shape[1:]) != (h, w):
         raise ValueError(f"masks are {tuple(det.masks.shape[1:])}, image is {(h, w)}")
 
-    # highest score first; stable so equal scores keep the detector's order (deterministic)
-    scores, order = torch.sort(det.scores.float(), descending=True, stable=True)
-    classes = det.classes[order].long()
-    masks = det.masks[order].reshape(n, h * w).bool().view(torch.uint8)  # 0/1 bytes
+    # highest score first; stable so equal scores keep the detector's order (deterministic).
+    # torchvision already returns them sorted: then the (N, H, W) gather is skipped
+    scores = det.scores.float()
+    if bool((scores[:-1] >= scores[1:]).all()):
+        masks, classes = det.masks, det.classes.long()
+    else:
+        scores, order = torch.sort(scores, descending=True, stable=True)
+        masks, classes = det.masks[order], det.classes[order].long()
+    masks = masks.reshape(n, h * w)
+    masks = (masks if masks.dtype == torch.bool else masks != 0).view(torch.uint8)  # 0/1 bytes
     area = _count(masks)
     keep = (scores >= score_threshold) & (area > 0) & (classes > 0)
     cand = keep.nonzero().squeeze(1)
-    cm, ca, k = masks[cand], area[cand], int(cand.numel())
+    k = int(cand.numel())
+    if k and int(cand[-1]) == k - 1:  # the usual case, a prefix: a view, not a copy
+        cm, ca, ccls, cscore = masks[:k], area[:k], classes[:k], scores[:k]
+    else:
+        cm, ca, ccls, cscore = masks[cand], area[cand], classes[cand], scores[cand]
     wk = _rank_weights(k, device)
-    # instance i (in score order) sees pixel p as claimed before it iff some kept j < i covers p,
-    # i.e. iff the first kept owner's weight at p exceeds i's own weight
     accepted = torch.ones(k, dtype=torch.bool, device=device)
-    best = _first_owner(cm, wk, accepted)
-    for _ in range(k):  # fixpoint passes, not a per-instance loop: typically exits after 1-3
-        claimed_before = _count(cm * (best[None, :] > wk[:, None]))
-        new = claimed_before <= overlap_threshold * ca  # detectron2 skips when ratio > threshold
-        if torch.equal(new, accepted):
-            break
-        accepted = new
-        best = _first_owner(cm, wk, accepted)
+    if k > 1:
+        accepted = _accept(cm, ca, wk, overlap_threshold)
 
+    # paint: per pixel the class of its first kept owner, looked up by the owner's weight
+    best = _first_owner(cm, wk, accepted)  # 0 where nobody owns the pixel
+    lut = torch.zeros(k + 1, dtype=torch.uint8, device=device)
+    lut[wk.long()] = ccls.to(torch.uint8)
+    seg = lut.index_select(0, best.long())
     owned = best > 0
-    owner = k - best.long()  # == k (the appended background slot) where nobody owns the pixel
-    cls_ext = torch.cat([classes[cand], classes.new_zeros(1)])
-    seg = cls_ext[owner].to(torch.uint8)
 
     if ignore_threshold is not None and ignore_threshold < score_threshold:
         low = (scores >= ignore_threshold) & (scores < score_threshold) & (area > 0)
@@ -157,7 +184,8 @@ def instances_to_semantic(det: Detections, hw: tuple[int, int], *, score_thresho
 
     conf = None
     if confidence:
-        score_ext = torch.cat([scores[cand], scores.new_zeros(1)])
+        score_ext = torch.cat([cscore, scores.new_zeros(1)])
+        owner = k - best.long()  # == k (the appended 0 score) where nobody owns the pixel
         cover = _first_owner(masks, _rank_weights(n, device))  # sorted by score: first = max score
         best_score = torch.cat([scores, scores.new_zeros(1)])[n - cover.long()]
         conf = torch.where(owned, score_ext[owner], 1.0 - best_score).float()
