@@ -24,7 +24,6 @@ import math
 import os
 import random
 import tarfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
@@ -147,70 +146,65 @@ def _tar_groups(path: str, errors: list) -> Iterator[dict]:
     return wds.tariterators.group_by_keys(files, handler=handler)
 
 
+def list_keys(path: str) -> list[str]:
+    """Keys of a tar's records in order (webdataset's grouping of consecutive members), from the
+    headers only. Stops quietly at damage, where the streaming reader stops too."""
+    import webdataset as wds
+
+    keys: list[str] = []
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isreg() or (m.name.startswith("__") and m.name.endswith("__")):
+                    continue
+                k, _ = wds.tariterators.base_plus_ext(m.name)
+                if k is not None and (not keys or keys[-1] != k):
+                    keys.append(k)
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return keys
+
+
 class _LabelStream:
-    """One label tar read forward, matched to source keys. Keys are in source order by contract, but a
-    source sample may have no labels (the job skipped it) and a label may have no source sample: up to
-    ``lookahead`` records are held while looking for a key; records passed over by a match, evicted
-    from a full buffer or left at the end are orphans."""
+    """One label tar read forward and matched to source keys. Its key list is read first (headers
+    only), so a source key without a label is known at once, and a label record passed over on the
+    way to a match (its source sample does not exist, or came earlier: out of order) is an orphan.
+    Keys are in source order by contract; if they are not, samples are lost and counted, never
+    mismatched."""
 
-    def __init__(self, path: str, lookahead: int):
+    def __init__(self, path: str):
         self.errors: list = []
+        self.keys = list_keys(path)
+        self.last = {k: i for i, k in enumerate(self.keys)}
         self.it = _tar_groups(path, self.errors)
-        self.pending: OrderedDict[str, dict] = OrderedDict()
-        self.lookahead = lookahead
+        self.read = 0
         self.orphans = 0
-        self.done = False
-
-    def _drop_before(self, key: str) -> None:
-        while self.pending:
-            k = next(iter(self.pending))
-            if k == key:
-                return
-            self.pending.popitem(last=False)
-            self.orphans += 1
 
     def take(self, key: str) -> dict | None:
-        if key in self.pending:
-            self._drop_before(key)
-            return self.pending.pop(key)
-        for _ in range(self.lookahead):
-            if self.done:
-                break
-            rec = next(self.it, None)
-            if rec is None:
-                self.done = True
-                break
-            k = rec["__key__"]
-            if k == key:
-                self.orphans += len(self.pending)
-                self.pending.clear()
+        if self.last.get(key, -1) < self.read:
+            return None  # no label for this key (or only one we already passed)
+        for rec in self.it:
+            self.read += 1
+            if rec["__key__"] == key:
                 return rec
-            if k in self.pending:  # duplicate key in the label tar
-                self.orphans += 1
-                continue
-            self.pending[k] = rec
-            if len(self.pending) > self.lookahead:
-                self.pending.popitem(last=False)
-                self.orphans += 1
+            self.orphans += 1
         return None
 
     def finish(self) -> None:
-        self.orphans += len(self.pending) + sum(1 for _ in self.it)
-        self.pending.clear()
-        self.done = True
+        self.orphans += max(0, len(self.keys) - self.read)
+        self.read = len(self.keys)
 
 
 def _skip(reason: str) -> tuple:
     return ("__skip__", reason)
 
 
-def join_shard(source: str, label_tars: dict[str, str], kinds: dict[str, list[str]],
-               lookahead: int = 32) -> Iterator[dict | tuple]:
+def join_shard(source: str, label_tars: dict[str, str], kinds: dict[str, list[str]]) -> Iterator[dict | tuple]:
     """Yield, in source order, records ``{"key", "img", "txt", "labels": {task: {kind: bytes}}}`` of
     source samples that have every selected label kind, and ``("__skip__", reason)`` for everything
     that could not be used (counted by the batcher)."""
     src_errors: list = []
-    streams = {t: _LabelStream(p, lookahead) for t, p in label_tars.items()}
+    streams = {t: _LabelStream(p) for t, p in label_tars.items()}
     seen_errors = {t: 0 for t in streams}
     for s in _tar_groups(source, src_errors):
         while src_errors:
@@ -396,8 +390,8 @@ class TrainStream(IterableDataset):
     def chunk_items(self, stream: int, chunk: int) -> Iterator:
         import webdataset as wds
 
-        joined = [join_shard(self.shards[i], {t: self.label_tars[t][i] for t in self.tasks}, self.kinds,
-                             self.cfg.label_lookahead) for i in self.chunk_shards(stream, chunk)]
+        joined = [join_shard(self.shards[i], {t: self.label_tars[t][i] for t in self.tasks}, self.kinds)
+                  for i in self.chunk_shards(stream, chunk)]
         rng = random.Random(f"{self.seed}/shuffle/{self.rank}/{stream}/{chunk}")
         return wds.filters._shuffle(_roundrobin(joined), self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
 

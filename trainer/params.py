@@ -51,7 +51,6 @@ class DataCfg:
     shards_per_chunk: int = 2          # shards read interleaved into one shuffle buffer
     shuffle_buffer: int = 2000
     shuffle_initial: int = 500
-    label_lookahead: int = 32          # label records read ahead while joining by key
     num_workers: int = 6
     prefetch_factor: int = 2
     num_samples: int | None = None     # samples per epoch; null = manifest expected_samples or a count
@@ -225,8 +224,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1")
     if len(d.crop_ratio) != 2 or not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
         raise ConfigError("data.crop_ratio must be [lo, hi] with 0 < lo <= hi")
-    if d.num_workers < 0 or d.shards_per_chunk < 1 or d.shuffle_buffer < 1 or d.label_lookahead < 1:
-        raise ConfigError("data.num_workers >= 0, data.shards_per_chunk/shuffle_buffer/label_lookahead >= 1")
     if m.head_layers not in (1, 3):
         raise ConfigError("model.head_layers must be 1 (light, the paper's default) or 3 (heavy, Table 6)")
     if o.steps is not None and o.steps < 1:
