@@ -112,7 +112,9 @@ class DPTExpert(TorchExpert):
     def preprocess(self, images: list[np.ndarray], idx: list[int]) -> torch.Tensor:
         h, w = dpt_input_size(*images[idx[0]].shape[:2], self.net_size)
         batch = torch.stack([self.to_device(images[i]) for i in idx]).float()
-        x = F.interpolate(batch, size=(h, w), mode="bicubic", align_corners=False)  # cv2.INTER_CUBIC-like
+        # on float like DPT's cv2.INTER_CUBIC on img / 255: torch's faster uint8 bicubic clips
+        # between its two passes and moves some edge pixels by up to 9 levels
+        x = F.interpolate(batch, size=(h, w), mode="bicubic", align_corners=False)
         return self.channels_last(x.div_(255.0).sub_(0.5).div_(0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
