@@ -12,6 +12,9 @@ overshoot would otherwise create small negative inverse depths.
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,14 +72,24 @@ def build_model(profile: str, checkpoint: str = DEFAULT_CHECKPOINT, weights: str
         return model, "dpt-smoke (transformers DPT, random weights)", {}
     explicit = weights
     repo = checkpoint
-    if weights is None and checkpoint not in CHECKPOINTS:
+    if weights is None and checkpoint not in CHECKPOINTS and Path(checkpoint).expanduser().exists():
         # a local directory given as the checkpoint is an explicit path too
-        explicit, repo = checkpoint, checkpoint
+        explicit = checkpoint
     model_dir, weight_file = W.resolve_hf(repo, what=f"depth expert (DPT {repo})", files=("config.json",),
                                           weight_files=("model.safetensors", "pytorch_model.bin"),
                                           explicit=explicit)
     model = DPTForDepthEstimation.from_pretrained(str(model_dir), dtype=torch.float32)
     return model, f"dpt {repo}", {f"{repo.rstrip('/').rsplit('/', 1)[-1]}/{weight_file.name}": W.sha256_file(weight_file)}
+
+
+def allow_any_input_size(model) -> None:
+    """The hybrid embedding refuses any input size but ``config.image_size`` unless asked to
+    resize its position embedding, which ``DPTModel`` never asks; the ViT embedding always
+    resizes. Make the hybrid one resize too (once, on this instance)."""
+    emb = model.dpt.embeddings if getattr(model, "dpt", None) is not None else None
+    if model.config.is_hybrid and emb is not None and not getattr(emb, "_any_size", False):
+        emb.forward = functools.partial(emb.forward, interpolate_pos_encoding=True)
+        emb._any_size = True
 
 
 def dpt_forward(model, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +99,7 @@ def dpt_forward(model, x: torch.Tensor) -> torch.Tensor:
     separate backbone config, so it only accepts square inputs for dpt-large and dpt-hybrid; the
     original DPT keeps the aspect ratio. The neck accepts the grid explicitly, so we pass it and
     otherwise run the same modules in the same order (a test checks equality on a square input).
+    Hybrid models need :func:`allow_any_input_size` first (``DPTExpert`` does it).
     """
     cfg = model.config
     patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
@@ -104,6 +118,7 @@ class DPTExpert(TorchExpert):
     def __init__(self, model, *, name: str, device="cpu", max_batch: int = 8, net_size: int = NET_SIZE,
                  checkpoints: dict | None = None) -> None:
         super().__init__(device, max_batch)
+        allow_any_input_size(model)
         self.model = self.prepare(model)
         self.name = name
         self.net_size = int(net_size)

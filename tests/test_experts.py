@@ -319,6 +319,31 @@ def test_dpt_forward_equals_transformers_on_square_and_accepts_other_shapes(smok
         assert dpt_forward(model, torch.randn(1, 3, 64, 96, generator=g)).shape == (1, 64, 96)
 
 
+def test_hybrid_dpt_runs_on_non_square_inputs(images):
+    """dpt-hybrid-midas' structure (BiT backbone + ViT) at a tiny size, through the wrapper."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    from expert_wrappers.depth import DPTExpert, dpt_forward
+
+    bit = {"model_type": "bit", "global_padding": "same", "layer_type": "bottleneck", "depths": [1, 1, 1],
+           "hidden_sizes": [32, 64, 128], "embedding_size": 32, "num_groups": 8,
+           "out_features": ["stage1", "stage2", "stage3"], "embedding_dynamic_padding": True}
+    cfg = DPTConfig(is_hybrid=True, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                    intermediate_size=128, image_size=64, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+                    neck_hidden_sizes=[32, 64, 64, 64], fusion_hidden_size=32, backbone_config=bit,
+                    backbone_featmap_shape=[1, 128, 4, 4])
+    torch.manual_seed(0)
+    model = DPTForDepthEstimation(cfg).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        reference = model(pixel_values=x).predicted_depth
+    expert = DPTExpert(model, name="hybrid-tiny", net_size=64)
+    with torch.inference_mode():
+        assert torch.allclose(dpt_forward(model, x), reference, atol=1e-6)
+    out = expert.predict([images[1]])[0]["depth"]  # 64 x 96 network input
+    assert out.shape == images[1].shape[:2] and np.isfinite(out).all() and out.min() >= 0
+
+
 def test_depth_smoke_maps(smoke, smoke_out, images):
     for img, out in zip(images, smoke_out["depth"]):
         d = out["depth"]
