@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,11 @@ def build_torchvision_default(weights: str | None = None, **model_kwargs):
     url = torchvision_url()
     filename = url.rsplit("/", 1)[1]
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"  # where torchvision itself caches it
+    # torchvision names its files <name>-<first hex digits of the sha256>.pth
+    prefix = re.search(r"-([a-f0-9]{6,})\.", filename)
     path = W.resolve_file(filename, what="seg expert (torchvision Mask R-CNN, COCO_V1)", subdir="torchvision",
-                          explicit=weights, url=url, extra_dirs=(hub_dir,))
+                          explicit=weights, url=url, extra_dirs=(hub_dir,),
+                          sha256_prefix=prefix.group(1) if prefix else None)
     model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91, **model_kwargs)
     model.load_state_dict(W.load_tensors(path), strict=True)
     return model, {path.name: W.sha256_file(path)}
@@ -285,7 +289,8 @@ def build(profile: str = "default", device: str = "cpu", *, backend: str = "torc
     if sam:
         tdev = torch.device(device)
         gate_ = sam_mod.DEFAULT_IOU_GATE if iou_gate is None else iou_gate
-        lowest = min(options.get("score_threshold", 0.5), options.get("ignore_threshold") or 1.0)
+        ignore = options.get("ignore_threshold")
+        lowest = min(options.get("score_threshold", 0.5), 1.0 if ignore is None else ignore)
         if profile == "smoke":
             refiner = sam_mod.SamRefiner(sam_mod.build_smoke_sam(seed), tdev, gate_, lowest, name="sam-smoke")
         else:

@@ -155,14 +155,15 @@ def _missing(what: str, filename: str, looked: list[str], how: str) -> MissingWe
     return MissingWeightsError("\n".join(lines))
 
 
-def download_url(url: str, dest: Path) -> Path:
-    """Download to a temporary name, then rename: a killed download never looks like a checkpoint."""
+def download_url(url: str, dest: Path, sha256_prefix: str | None = None) -> Path:
+    """Download to a temporary name, then rename: a killed download never looks like a checkpoint.
+    ``sha256_prefix`` (torchvision puts one in its file names) is checked before the rename."""
     import torch.hub
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
     try:
-        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        torch.hub.download_url_to_file(url, str(tmp), hash_prefix=sha256_prefix, progress=True)
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
@@ -171,7 +172,8 @@ def download_url(url: str, dest: Path) -> Path:
 
 
 def resolve_file(filename: str, *, what: str, subdir: str, explicit: str | os.PathLike | None = None,
-                 url: str | None = None, extra_dirs: tuple[Path, ...] = (), how: str = "") -> Path:
+                 url: str | None = None, extra_dirs: tuple[Path, ...] = (), how: str = "",
+                 sha256_prefix: str | None = None) -> Path:
     """Find (or fetch) one checkpoint file; see the module docstring for the order."""
     if explicit is not None:
         p = Path(explicit).expanduser()
@@ -192,7 +194,7 @@ def resolve_file(filename: str, *, what: str, subdir: str, explicit: str | os.Pa
             looked.append(f"{url} (host not reachable)")
         else:
             try:
-                return download_url(url, cached)
+                return download_url(url, cached, sha256_prefix)
             except Exception as e:  # noqa: BLE001 - every download failure means "missing"
                 looked.append(f"{url} (download failed: {e})")
     hint = how or (f"download {url} " if url else "obtain the file ") + \

@@ -69,7 +69,7 @@ def test_resolution_order_explicit_then_cache_then_source(cache, tmp_path, monke
     cached = cache / "sub" / "file.pth"
     downloads = []
 
-    def fake_download(url, dest):
+    def fake_download(url, dest, sha256_prefix=None):
         downloads.append(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(b"downloaded")
@@ -86,6 +86,17 @@ def test_resolution_order_explicit_then_cache_then_source(cache, tmp_path, monke
     assert W.resolve_file("file.pth", **kw) == cached and len(downloads) == 1  # and found there next time
     with pytest.raises(MissingWeightsError, match="does not exist"):
         W.resolve_file("file.pth", explicit=tmp_path / "nope.pth", **kw)  # never falls through
+
+
+def test_download_is_checked_and_atomic(tmp_path):
+    src = tmp_path / "src.pth"
+    src.write_bytes(os.urandom(4096))
+    good = sha(src)[:8]
+    dest = tmp_path / "cache" / "model-x.pth"
+    with pytest.raises(RuntimeError, match="hash"):
+        W.download_url(src.as_uri(), dest, "00000000" if good != "00000000" else "11111111")
+    assert not dest.exists() and not list(dest.parent.iterdir())  # nothing half-written is left
+    assert W.download_url(src.as_uri(), dest, good) == dest and sha(dest) == sha(src)
 
 
 def test_offline_never_downloads_and_says_how_to_supply(cache, monkeypatch):
