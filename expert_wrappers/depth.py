@@ -13,6 +13,7 @@ overshoot would otherwise create small negative inverse depths.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,8 @@ def build_model(profile: str, checkpoint: str = DEFAULT_CHECKPOINT, weights: str
         return model, "dpt-smoke (transformers DPT, random weights)", {}
     explicit = weights
     repo = checkpoint
-    if weights is None and checkpoint not in CHECKPOINTS and Path(checkpoint).expanduser().exists():
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", checkpoint) is not None
+    if weights is None and (Path(checkpoint).expanduser().exists() or not looks_like_hub_id):
         # a local directory given as the checkpoint is an explicit path too
         explicit = checkpoint
     model_dir, weight_file = W.resolve_hf(repo, what=f"depth expert (DPT {repo})", files=("config.json",),

@@ -282,6 +282,8 @@ def test_dpt_default_loads_a_local_model_directory(cache, tmp_path):
     assert out.shape == (64, 96) and out.dtype == np.float32 and out.min() >= 0
     with pytest.raises(MissingWeightsError, match="incomplete or missing"):
         build_expert("depth", checkpoint=str(tmp_path / "empty-dir"))
+    with pytest.raises(MissingWeightsError, match="Intel/dpt-hybrid-midas.*offline"):
+        build_expert("depth", checkpoint="Intel/dpt-hybrid-midas")
 
 
 def test_torchvision_maskrcnn_default_is_found_in_the_cache_and_loads_strictly(cache):
