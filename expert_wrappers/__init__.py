@@ -56,14 +56,15 @@ def build_expert(task: str, profile: str = "default", device: str = "cpu", **opt
 def build_experts(tasks, profile: str = "default", device: str = "cpu",
                   options: dict[str, dict] | None = None) -> dict[str, Expert]:
     """``{task: expert}`` for each task (a list or a comma-separated string); ``options`` maps a
-    task to its keyword options. When checkpoints are missing, one MissingWeightsError lists
+    task to its keyword options (options of tasks not requested are ignored, so one options
+    dict serves every task subset). When checkpoints are missing, one MissingWeightsError lists
     every missing file, not just the first."""
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     options = options or {}
-    unknown = set(options) - set(tasks)
-    if unknown:
-        raise ValueError(f"options given for tasks not requested: {sorted(unknown)}")
+    unknown = set(options) - set(TASKS)
+    if unknown:  # a misspelt task would otherwise drop its options silently
+        raise ValueError(f"options given for unknown tasks {sorted(unknown)}; known: {TASKS}")
     experts, missing = {}, []
     for t in tasks:
         try:

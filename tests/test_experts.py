@@ -522,8 +522,9 @@ def test_build_rejects_unknown_tasks_profiles_and_misplaced_options():
         build_expert("albedo", "smoke")
     with pytest.raises(ValueError):
         build_expert("seg", "tiny")
-    with pytest.raises(ValueError):
-        build_experts(["depth"], "null", options={"seg": {"sam": True}})
+    with pytest.raises(ValueError, match="segm"):
+        build_experts(["depth"], "null", options={"segm": {"sam": True}})
+    assert set(build_experts(["depth"], "null", options={"seg": {"sam": True}})) == {"depth"}
     with pytest.raises(TypeError):
         build_expert("depth", "smoke", no_such_option=1)
     with pytest.raises(ValueError):
