@@ -144,14 +144,16 @@ def test_same_crop_and_flip_on_image_and_labels():
         rng = random.Random(seed)
         s = D.load_sample(rec, 64, 96, 32, 48, rng, D.TASK_KINDS, crop_scale=(0.3, 1.0), hflip=0.5)
         img, seg, depth, normal = s["image"], s["seg"], s["depth"], s["normal"]
-        assert img.shape == (64, 96, 3) and seg.shape == depth.shape == (32, 48) and normal.shape == (3, 32, 48)
+        assert img.shape == (64, 96, 3) and seg.shape == depth.shape == (32, 48) and normal.shape == (32, 48, 3)
+        normal = normal.transpose(2, 0, 1)
         red = img[1::2, 1::2, 0] > img[1::2, 1::2, 2]                # image at the label pixels' centres
         agree = (red == (seg == 1)).mean()
         assert agree > 0.93, (seed, agree)                           # only the boundary column may differ
-        slope = np.sign(np.diff(depth.mean(0))).mean()
-        flipped = slope < 0
+        step = np.diff(depth.mean(0))
+        flipped = step.sum() < 0
         flips += flipped
-        assert abs(slope) > 0.9                                      # depth follows x (reversed if flipped)
+        assert (step <= 0).all() if flipped else (step >= 0).all()   # depth follows x (reversed if flipped)
+        assert np.abs(step).sum() > 10                               # and spans the crop, not a constant
         assert np.allclose(normal[0], -0.6 if flipped else 0.6, atol=0.02)  # flip negates x
         assert np.allclose(normal[2], -0.8, atol=0.02)
         assert set(np.unique(seg)) <= {1, 2}                         # nearest: no invented classes

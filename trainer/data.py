@@ -4,8 +4,9 @@ Pipeline of one (rank, stream) — a stream is what one DataLoader worker reads:
 
     chunk c: K shards (drawn with replacement in resampled mode, else an epoch-shuffled split of the
              shards by rank and stream) read by webdataset and interleaved
-      -> per shard: strict join with <labels>/<task>/<shard>.tar by key (a missing, mismatched or
-         orphan label key is skipped and counted; nothing is zipped by position)
+      -> per shard: strict join with <labels>/<task>/<shard>.tar by key, through each label tar's
+         header index (a missing, mismatched or orphan label key is skipped and counted; nothing is
+         zipped by position)
       -> webdataset shuffle buffer (seeded by seed/rank/stream/chunk)
       -> variable-resolution batches: step s has shape (h, w, batch) drawn by corenet's rule from a
          seed shared by all ranks, so every rank sees the same batch size (the global contrastive
@@ -19,11 +20,13 @@ batches the uninterrupted run would have produced.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import random
 import tarfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -146,53 +149,73 @@ def _tar_groups(path: str, errors: list) -> Iterator[dict]:
     return wds.tariterators.group_by_keys(files, handler=handler)
 
 
-def list_keys(path: str) -> list[str]:
-    """Keys of a tar's records in order (webdataset's grouping of consecutive members), from the
-    headers only. Stops quietly at damage, where the streaming reader stops too."""
+@functools.lru_cache(maxsize=32)
+def label_index(path: str, mtime_ns: int = 0) -> tuple[dict, int]:
+    """``{key: {suffix: (offset, size)}}`` of a label tar, from its headers only (tarfile seeks over
+    the bodies), and the number of duplicate members. Keys and suffixes are split as webdataset does.
+    Stops quietly at damage: members after it count as missing. Cached per worker (resampled streams
+    reopen the same shards); ``mtime_ns`` ties the cache to the file's version."""
     import webdataset as wds
 
-    keys: list[str] = []
+    index: dict[str, dict[str, tuple[int, int]]] = {}
+    dups = 0
     try:
         with tarfile.open(path) as tar:
             for m in tar:
-                if not m.isreg() or (m.name.startswith("__") and m.name.endswith("__")):
+                if not m.isreg():
                     continue
-                k, _ = wds.tariterators.base_plus_ext(m.name)
-                if k is not None and (not keys or keys[-1] != k):
-                    keys.append(k)
+                key, suffix = wds.tariterators.base_plus_ext(m.name)
+                if key is None:
+                    continue
+                entry = index.setdefault(key, {})
+                if suffix.lower() in entry:
+                    dups += 1
+                    continue
+                entry[suffix.lower()] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError, EOFError):
         pass
-    return keys
+    return index, dups
 
 
-class _LabelStream:
-    """One label tar read forward and matched to source keys. Its key list is read first (headers
-    only), so a source key without a label is known at once, and a label record passed over on the
-    way to a match (its source sample does not exist, or came earlier: out of order) is an orphan.
-    Keys are in source order by contract; if they are not, samples are lost and counted, never
-    mismatched."""
+class _LabelTar:
+    """One label tar, read by key: a source sample takes its own members (and only once); a label key
+    no source sample asked for is an orphan. No assumption about order, nothing matched by position."""
 
     def __init__(self, path: str):
-        self.errors: list = []
-        self.keys = list_keys(path)
-        self.last = {k: i for i, k in enumerate(self.keys)}
-        self.it = _tar_groups(path, self.errors)
-        self.read = 0
-        self.orphans = 0
+        self.errors = 0
+        try:
+            self.index, self.orphans = label_index(str(path), os.stat(path).st_mtime_ns)
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            self.index, self.orphans, self.fd, self.errors = {}, 0, None, 1
+        self.used: set[str] = set()
 
-    def take(self, key: str) -> dict | None:
-        if self.last.get(key, -1) < self.read:
-            return None  # no label for this key (or only one we already passed)
-        for rec in self.it:
-            self.read += 1
-            if rec["__key__"] == key:
-                return rec
-            self.orphans += 1
-        return None
+    def take(self, key: str, kinds: list[str]) -> dict | None:
+        entry = self.index.get(key)
+        if entry is None or key in self.used:
+            return None
+        self.used.add(key)
+        members = {}
+        for kind in kinds:
+            loc = entry.get(f"{kind}.{L.MEMBER_EXT}")
+            if loc is None:
+                return None
+            try:
+                members[kind] = os.pread(self.fd, loc[1], loc[0])
+            except OSError:
+                self.errors += 1
+                return None
+            if len(members[kind]) != loc[1]:
+                self.errors += 1
+                return None
+        return members
 
     def finish(self) -> None:
-        self.orphans += max(0, len(self.keys) - self.read)
-        self.read = len(self.keys)
+        self.orphans += len(set(self.index) - self.used)
+        self.used = set(self.index)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _skip(reason: str) -> tuple:
@@ -202,47 +225,48 @@ def _skip(reason: str) -> tuple:
 def join_shard(source: str, label_tars: dict[str, str], kinds: dict[str, list[str]]) -> Iterator[dict | tuple]:
     """Yield, in source order, records ``{"key", "img", "txt", "labels": {task: {kind: bytes}}}`` of
     source samples that have every selected label kind, and ``("__skip__", reason)`` for everything
-    that could not be used (counted by the batcher)."""
+    that could not be used (counted by the batcher). The source shard is streamed by webdataset; the
+    label tars are read by key through their header index."""
     src_errors: list = []
-    streams = {t: _LabelStream(p) for t, p in label_tars.items()}
-    seen_errors = {t: 0 for t in streams}
-    for s in _tar_groups(source, src_errors):
-        while src_errors:
-            src_errors.pop()
+    trees = {t: _LabelTar(p) for t, p in label_tars.items()}
+    try:
+        for t, lt in trees.items():
+            for _ in range(lt.errors):
+                yield _skip("label_read_error")
+            lt.errors = 0
+        for s in _tar_groups(source, src_errors):
+            while src_errors:
+                src_errors.pop()
+                yield _skip("source_read_error")
+            key = s["__key__"]
+            ext = next((e for e in IMAGE_EXTS if e in s), None)
+            rec = {"key": key, "img": s.get(ext) if ext else None, "txt": s.get("txt"), "labels": {}}
+            missing = []
+            for t, lt in trees.items():
+                members = lt.take(key, kinds[t])
+                if members is None:
+                    missing.append(t)
+                else:
+                    rec["labels"][t] = members
+            if missing:
+                for t in missing:
+                    yield _skip(f"missing_{t}")
+                yield _skip("samples_skipped")
+                continue
+            yield rec
+        for _ in src_errors:
             yield _skip("source_read_error")
-        key = s["__key__"]
-        ext = next((e for e in IMAGE_EXTS if e in s), None)
-        rec = {"key": key, "img": s.get(ext) if ext else None, "txt": s.get("txt"), "labels": {}}
-        missing = []
-        for t, st in streams.items():
-            lab = st.take(key)
-            if len(st.errors) > seen_errors[t]:
-                for _ in range(len(st.errors) - seen_errors[t]):
-                    yield _skip("label_read_error")
-                seen_errors[t] = len(st.errors)
-            members = {k: lab.get(f"{k}.{L.MEMBER_EXT}") for k in kinds[t]} if lab is not None else {}
-            if lab is None or any(v is None for v in members.values()):
-                missing.append(t)
-            else:
-                rec["labels"][t] = members
-        for t, st in streams.items():
-            for _ in range(st.orphans):
+        for t, lt in trees.items():  # label records no source sample asked for
+            lt.finish()
+            for _ in range(lt.orphans):
                 yield _skip(f"orphan_{t}")
-            st.orphans = 0
-        if missing:
-            for t in missing:
-                yield _skip(f"missing_{t}")
-            yield _skip("samples_skipped")
-            continue
-        yield rec
-    for _ in src_errors:
-        yield _skip("source_read_error")
-    for t, st in streams.items():  # labels left over after the source ended: orphans
-        st.finish()
-        for _ in range(st.orphans):
-            yield _skip(f"orphan_{t}")
-        for _ in range(len(st.errors) - seen_errors[t]):
-            yield _skip("label_read_error")
+            for _ in range(lt.errors):
+                yield _skip("label_read_error")
+    finally:
+        for lt in trees.values():
+            if lt.fd is not None:
+                os.close(lt.fd)
+                lt.fd = None
 
 
 def _roundrobin(iters: list[Iterator]) -> Iterator:
@@ -286,14 +310,22 @@ def rrc_box(H: int, W: int, out_h: int, out_w: int, scale, ratio, rng: random.Ra
     return (left, top, left + w, top + h)
 
 
-def _resize_f(arr: np.ndarray, size: tuple[int, int], box, resample) -> np.ndarray:
-    return np.asarray(Image.fromarray(np.ascontiguousarray(arr, np.float32)).resize(size, resample, box=box))
+def nearest_index(lo: float, hi: float, n_out: int, n_in: int, reverse: bool = False) -> np.ndarray:
+    """Source indices of a nearest-neighbour resample of [lo, hi) to ``n_out`` samples (PIL's NEAREST
+    rule: the pixel under each output pixel's centre), optionally reversed (a horizontal flip)."""
+    idx = np.floor(lo + (np.arange(n_out) + 0.5) * ((hi - lo) / n_out)).astype(np.intp)
+    np.clip(idx, 0, n_in - 1, out=idx)
+    return idx[::-1] if reverse else idx
 
 
 def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random, kinds: dict,
-                crop_scale=(0.5, 1.0), crop_ratio=(0.75, 4 / 3), hflip: float = 0.5) -> dict:
+                crop_scale=(0.5, 1.0), crop_ratio=(0.75, 4 / 3), hflip: float = 0.5,
+                out: dict[str, np.ndarray] | None = None) -> dict:
     """Decode one joined record and apply one random resized crop + flip to the image and its labels
-    (crop coordinates scaled to each label's resolution; a flip negates the normals' x)."""
+    (crop coordinates scaled to each label's resolution; a flip negates the normals' x). The image is
+    resampled bilinearly; every label map with nearest neighbour: class ids stay ids, normals stay unit
+    vectors, and no depth or normal is blended across an object boundary. With ``out`` (a slot per
+    array of a preallocated batch) the arrays are written there instead of newly allocated."""
     if rec["img"] is None:
         raise SampleError("bad_image")
     try:
@@ -309,10 +341,13 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
     H, W = img.shape[:2]
     box = rrc_box(H, W, h, w, crop_scale, crop_ratio, rng)
     flip = rng.random() < hflip
-    out = {"caption": caption}
-    pil = Image.fromarray(img).resize((w, h), Image.BILINEAR, box=box)
-    image = np.asarray(pil)
-    out["image"] = image[:, ::-1] if flip else image
+    res = {"caption": caption}
+    image = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR, box=box))
+    image = image[:, ::-1] if flip else image
+    if out is not None:
+        np.copyto(out["image"], image)
+        image = out["image"]
+    res["image"] = image
     for task, members in rec["labels"].items():
         for kind in kinds[task]:
             try:
@@ -322,19 +357,14 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
             if header["kind"] != kind or tuple(header.get("image_size", ())) != (H, W):
                 raise SampleError(f"bad_{task}")  # a label made for another image
             lH, lW = arr.shape[:2]
-            sx, sy = lW / W, lH / H
-            lbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-            if kind == "seg":
-                y = np.asarray(Image.fromarray(arr).resize((lw, lh), Image.NEAREST, box=lbox))
-            elif kind == "normal":
-                y = np.stack([_resize_f(arr[..., c], (lw, lh), lbox, Image.BILINEAR) for c in range(3)])
-                y /= np.maximum(np.linalg.norm(y, axis=0, keepdims=True), 1e-6)
-                if flip:
-                    y[0] = -y[0]
-            else:  # depth, confidences
-                y = _resize_f(arr, (lw, lh), lbox, Image.BILINEAR)
-            out[kind] = np.ascontiguousarray(y[..., ::-1] if flip else y)
-    return out
+            sx, sy = lW / W, lH / H  # the crop box in this label's pixels
+            rows = nearest_index(box[1] * sy, box[3] * sy, lh, lH)
+            cols = nearest_index(box[0] * sx, box[2] * sx, lw, lW, reverse=flip)
+            y = arr.take(rows, axis=0).take(cols, axis=1, out=None if out is None else out[kind])
+            if kind == "normal" and flip:
+                y[..., 0] *= -1  # mirrored image: the normal's x flips (camera x = image right)
+            res[kind] = y
+    return res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,16 +460,22 @@ class TrainStream(IterableDataset):
         lh, lw = max(1, round(h * c.label_scale)), max(1, round(w * c.label_scale))
         rng = random.Random(f"{self.seed}/aug/{self.rank}/{step}")
         counts = [0] * len(REASONS)
-        samples, failures, pos = [], 0, None
-        while len(samples) < bs:
+        # the batch is allocated once and every sample is written into its slot (no stacking copies)
+        arrays = {"image": np.empty((bs, h, w, 3), np.uint8)}
+        for kind in (k for ks in self.kinds.values() for k in ks):
+            arrays[kind] = np.empty((bs, lh, lw) + ((3,) if kind == "normal" else ()),
+                                    np.uint8 if kind == "seg" else np.float32)
+        captions, failures, pos = [], 0, None
+        while len(captions) < bs:
             item, pos = next(items)
             if isinstance(item, tuple):
                 counts[R[item[1]]] += 1
                 failures += 1
             else:
+                slot = {k: a[len(captions)] for k, a in arrays.items()}
                 try:
-                    samples.append(load_sample(item, h, w, lh, lw, rng, self.kinds, c.crop_scale, c.crop_ratio,
-                                               c.hflip))
+                    s = load_sample(item, h, w, lh, lw, rng, self.kinds, c.crop_scale, c.crop_ratio, c.hflip, slot)
+                    captions.append(s["caption"])
                     failures = 0
                 except SampleError as e:
                     counts[R[e.reason]] += 1
@@ -448,14 +484,10 @@ class TrainStream(IterableDataset):
             if failures > MAX_CONSECUTIVE_SKIPS:
                 raise DataError(f"rank {self.rank}: {failures} records in a row were unusable; counts so far: "
                                 f"{ {r: n for r, n in zip(REASONS, counts) if n} }")
-        batch = {
-            "image": torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous(),
-            "text": self.tokenizer([s["caption"] for s in samples]),
-            "step": step, "stream": stream, "pos": pos, "skips": torch.tensor(counts, dtype=torch.int64),
-        }
-        for kinds in self.kinds.values():
-            for kind in kinds:
-                batch[kind] = torch.from_numpy(np.stack([s[kind] for s in samples]))
+        batch = {k: torch.from_numpy(a) for k, a in arrays.items()}  # image (B, h, w, 3), normal (B, lh, lw, 3)
+        batch.update({"text": self.tokenizer(captions), "step": step, "stream": stream, "pos": pos,
+                      "skips": torch.tensor(counts, dtype=torch.int64),
+                      "worker_cpu_s": time.process_time()})  # this worker's CPU clock (loader cost, P4)
         return batch
 
     def __iter__(self):

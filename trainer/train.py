@@ -224,9 +224,11 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
             g["lr"] = lr
         batch = next(batches)
         assert batch["step"] == step, (batch["step"], step)
-        images = (batch["image"].to(device, non_blocking=True).float() - mean) / std
+        images = (batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().contiguous() - mean) / std
         texts = batch["text"].to(device, non_blocking=True)
         targets = {k: batch[k].to(device, non_blocking=True) for k in label_kinds}
+        if "normal" in targets:
+            targets["normal"] = targets["normal"].permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         label_size = tuple(targets[label_kinds[0]].shape[-2:]) if label_kinds else None
 
         with autocast:
@@ -275,7 +277,7 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
         # ---- log
         if main_proc and (done % cfg.run.log_every == 0 or done == total_steps):
             dt = time.perf_counter() - t0
-            h, w = batch["image"].shape[-2:]
+            h, w = batch["image"].shape[1:3]
             rec = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr, "loss": means[0],
                    **{f"loss_{k}": v for k, v in zip(term_names, means[1:])},
                    "logit_scale": model.clip.logit_scale.exp().item(), "grad_norm": grad_norm.item(),
