@@ -75,13 +75,17 @@ class JobSpec:
 # plan / resume
 
 
-def fingerprint(cfg: WorkerConfig, checkpoints: dict) -> str:
-    """What makes two runs' labels the same: format, experts and their weights, label settings.
-    Throughput knobs (workers, batch size, threads) are not part of it."""
+def fingerprint(cfg: WorkerConfig, experts: dict) -> str:
+    """What makes two runs' labels the same: format, experts (their description as built on the
+    driver, minus device/precision) and weights, label settings. Throughput knobs (workers, batch
+    size, threads) and the experts' code are not part of it."""
+    checkpoints = _checkpoints(experts)
     doc = {"pipeline_version": PIPELINE_VERSION, "format_version": labels.FORMAT_VERSION,
            "stats_version": STATS_VERSION, "tasks": list(cfg.tasks), "profile": cfg.profile, "factory": cfg.factory,
            "options": cfg.options, "label_scale": cfg.label_scale, "max_pixels": cfg.max_pixels,
            "checkpoints": dict(sorted(checkpoints.items()))}
+    doc["experts"] = {t: {k: v for k, v in d.items() if k not in ("device", "precision")}
+                      for t, d in experts.items()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -293,6 +297,11 @@ def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> 
     n_cls = labels.NUM_SEG_CLASSES + 1
     pixels = [sum(s["class_pixels"][c] for s in stats) for c in range(n_cls)]
     instances = [sum(s["class_instances"][c] for s in stats) for c in range(n_cls)]
+    # the experts as the workers ran them (device, precision); the driver's preflight copy
+    # (built on CPU) only when no marker has one
+    described = [s.get("experts") for s in stats if s.get("experts")]
+    by_workers = described[0] if described else experts
+    differ = [s["shard"] for s in stats if s.get("experts") and s["experts"] != by_workers]
     outputs = {t: {"bytes": sum(s["outputs"][t]["bytes"] for s in stats),
                    "members": sum(s["outputs"][t]["members"] for s in stats)} for t in cfg.tasks}
     manifest = {
@@ -303,8 +312,9 @@ def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> 
                       "shards": [p.name for p in spec.shard_set.shards],
                       "expected_samples": spec.shard_set.expected_samples},
         "tasks": list(cfg.tasks),
-        "experts": experts,
-        "checkpoints": _checkpoints(experts),
+        "experts": by_workers,
+        "experts_differ_in_shards": differ,
+        "checkpoints": _checkpoints(by_workers),
         "config": {"fingerprint": fp, "profile": cfg.profile, "tasks": list(cfg.tasks),
                    "options": cfg.options, "label_scale": cfg.label_scale,
                    "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
@@ -365,7 +375,7 @@ def run(spec: JobSpec, *, on_event: Callable | None = None, log=print) -> dict:
     out = Path(spec.out)
     cfg = spec.worker
     experts = preflight(cfg)
-    fp = fingerprint(cfg, _checkpoints(experts))
+    fp = fingerprint(cfg, experts)
     cfg.fingerprint = fp
     shards = list(spec.shard_set.shards)
     with _out_lock(out):

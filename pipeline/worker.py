@@ -142,16 +142,20 @@ def _decoded(src: Path, pool: cf.Executor, prefetch: int, max_pixels: int
         yield i, f.result()
 
 
-def count_instances(seg: np.ndarray) -> np.ndarray:
+def count_instances(seg: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
     """Connected components per class (8-connectivity) of a semantic map: the number of objects
-    per class as far as a semantic map can tell (touching instances of one class count once)."""
+    per class as far as a semantic map can tell (touching instances of one class count once).
+    ``pixels`` (the map's 256-bin histogram), when given, saves finding the classes present."""
+    counts = np.zeros(256, np.int64)
+    if pixels is None:
+        pixels = np.bincount(seg.ravel(), minlength=256)
+    present = [c for c in np.flatnonzero(pixels) if c not in (0, labels.SEG_IGNORE)]
+    if not present:
+        return counts
     from scipy import ndimage
 
-    counts = np.zeros(256, np.int64)
     structure = np.ones((3, 3), bool)
-    for c in np.unique(seg):
-        if c == 0 or c == labels.SEG_IGNORE:
-            continue
+    for c in present:
         counts[c] = ndimage.label(seg == c, structure=structure)[1]
     return counts
 
@@ -178,7 +182,7 @@ def encode_maps(key: str, maps: dict[str, np.ndarray], image_hw: tuple[int, int]
                 cls = np.asarray(maps["instance_classes"], np.int64).ravel()
                 hist["instances"] = np.bincount(cls[(cls >= 0) & (cls < 256)], minlength=256)
             else:
-                hist["instances"] = count_instances(arr)
+                hist["instances"] = count_instances(arr, hist["pixels"])
     return out, hist
 
 
@@ -325,12 +329,20 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
         "class_pixels": pixels[:labels.NUM_SEG_CLASSES + 1].tolist(),
         "ignore_pixels": int(pixels[labels.SEG_IGNORE]),
         "class_instances": instances[:labels.NUM_SEG_CLASSES + 1].tolist(),
+        "experts": {t: _describe(experts[t]) for t in tasks},
         "seconds": round(time.perf_counter() - t_start, 3),
         "timing": {k: round(v, 3) for k, v in timing.items()},
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
     }
     write_json_atomic(marker, stats)  # last: its presence means the shard is complete
     return stats
+
+
+def _describe(expert) -> dict:
+    try:
+        return expert.describe()
+    except Exception as e:  # noqa: BLE001 - informative only
+        return {"name": getattr(expert, "name", type(expert).__name__), "describe_error": str(e)}
 
 
 class ShardWorker:
