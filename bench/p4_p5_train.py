@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-P4_BATCH, P4_BATCHES, P4_ROUNDS = 8, 6, 4
+P4_BATCH, P4_BATCHES, P4_ROUNDS = 8, 6, 3
 P5_ARCH, P5_RES, P5_BATCH, P5_STEPS, P5_ROUNDS = "ViT-B-16", 256, 2, 2, 3
 
 

@@ -123,7 +123,7 @@ def test_kill_and_resume_reproduces_the_run(reference_run, sample_dir, smoke_lab
 
 
 @pytest.mark.timeout(600)
-def test_export_loads_in_open_clip_with_the_same_embeddings(reference_run):
+def test_export_loads_in_open_clip_with_the_same_embeddings(reference_run, tmp_path):
     import open_clip
 
     from trainer import checkpoint as ckpt
@@ -158,6 +158,13 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(reference_run):
         for m in (full, local):
             torch.testing.assert_close(m.encode_text(text, normalize=True), want_txt, rtol=0, atol=1e-6)
         assert (fresh.encode_image(x, normalize=True) - want_img).abs().max() > 1e-3  # the test can fail
+
+    # the standalone exporter (from the run's latest checkpoint) writes the same weights
+    from trainer.export import main as export_main
+
+    assert export_main(["--run-dir", str(reference_run), "--out", str(tmp_path / "again")]) == 0
+    again = torch.load(tmp_path / "again" / "open_clip_pytorch_model.bin", weights_only=True)
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
 
 
 # ---- in-process runs (one process, no torchrun): task subsets, skipped keys, NaN guard ----------
