@@ -368,27 +368,36 @@ def _out_lock(out: Path):
         yield
 
 
-def run(spec: JobSpec, *, on_event: Callable | None = None, log=print) -> dict:
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(spec: JobSpec, *, on_event: Callable | None = None, log: Callable[[str], None] | None = _stderr) -> dict:
     """Run (or resume) the job; returns a summary dict. Raises MissingWeightsError before Ray
-    starts, JobConfigError for unsatisfiable settings, JobError if shards still fail."""
+    starts, JobConfigError for unsatisfiable settings, JobError if shards still fail.
+    ``log`` gets a few one-line progress messages (None: silent)."""
+    log = log or (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(spec.out)
     cfg = spec.worker
     experts = preflight(cfg)
     fp = fingerprint(cfg, experts)
     cfg.fingerprint = fp
+    log(f"experts ({cfg.profile}): " + ", ".join(f"{t}={d.get('name', '?')}" for t, d in experts.items())
+        + f"; checked in {time.perf_counter() - t0:.1f} s")
     shards = list(spec.shard_set.shards)
     with _out_lock(out):
         done, todo, why = plan(shards, out, cfg.tasks, fp, spec.verify)
+        log(f"plan: {len(shards)} shards, {len(done)} complete, {len(todo)} to do -> {out}")
         if spec.verbose:
             for stem, reason in why.items():
-                log(f"  {stem}: to do ({reason})", file=sys.stderr)
+                log(f"  {stem}: to do ({reason})")
         new: dict[str, dict] = {}
         info = {"workers": 0}
         if todo:
             for name in (MANIFEST_JSON, MANIFEST_PARQUET):  # stale until the job completes again
                 (out / name).unlink(missing_ok=True)
-            new, info = _run_pool(spec, cfg, todo, len(done), len(shards), on_event)
+            new, info = _run_pool(spec, cfg, todo, len(done), len(shards), on_event, log)
         all_stats = [done.get(p.stem) or new[p.stem] for p in shards]
         manifest, rows = build_manifest(spec, all_stats, experts, fp)
         write_manifest(out, manifest, rows)
@@ -403,20 +412,28 @@ def run(spec: JobSpec, *, on_event: Callable | None = None, log=print) -> dict:
 
 
 def _run_pool(spec: JobSpec, cfg: WorkerConfig, todo: list[Path], n_done: int, n_total: int,
-              on_event: Callable | None) -> tuple[dict[str, dict], dict]:
+              on_event: Callable | None, log: Callable[[str], None]) -> tuple[dict[str, dict], dict]:
     import ray
     from tqdm import tqdm
 
+    t0 = time.perf_counter()
     started = start_ray(spec.ray_address, spec.verbose)
     pool = None
     try:
+        total = ray.cluster_resources()
+        log(f"ray: {'started a local instance' if started else 'joined ' + ray.get_runtime_context().gcs_address}"
+            f" ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "
+            f"{len(ray.nodes())} node(s)) in {time.perf_counter() - t0:.1f} s")
         workers, gpus, cpus, threads = resources(spec)
         workers = min(workers, len(todo))
         cfg.torch_threads = threads
         if cfg.device == "auto" and not gpus:
             cfg.device = "cpu"
+        t0 = time.perf_counter()
         pool = _Pool(spec, cfg, workers, gpus, cpus, on_event)
-        pool.wait_ready(spec.actor_start_timeout)
+        infos = pool.wait_ready(spec.actor_start_timeout)
+        log(f"workers: {workers} x ({cpus:g} CPU, {gpus:g} GPU, {threads} torch thread(s), "
+            f"device {infos[0]['device']}) ready in {time.perf_counter() - t0:.1f} s")
         t_pool = time.perf_counter()
         queue: deque[Path] = deque(todo)
         attempts: dict[str, int] = {}

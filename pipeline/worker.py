@@ -142,10 +142,15 @@ def _decoded(src: Path, pool: cf.Executor, prefetch: int, max_pixels: int
         yield i, f.result()
 
 
-def count_instances(seg: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
-    """Connected components per class (8-connectivity) of a semantic map: the number of objects
-    per class as far as a semantic map can tell (touching instances of one class count once).
-    ``pixels`` (the map's 256-bin histogram), when given, saves finding the classes present."""
+MIN_INSTANCE_PIXELS = 8  # at label resolution: smaller fragments are not counted as objects
+
+
+def count_instances(seg: np.ndarray, pixels: np.ndarray | None = None,
+                    min_pixels: int = MIN_INSTANCE_PIXELS) -> np.ndarray:
+    """Connected components per class (8-connectivity, at least ``min_pixels``) of a semantic map:
+    the number of objects per class as far as a semantic map can tell (touching instances of one
+    class count once, an occluded one split in two counts twice). ``pixels`` (the map's 256-bin
+    histogram), when given, saves finding the classes present."""
     counts = np.zeros(256, np.int64)
     if pixels is None:
         pixels = np.bincount(seg.ravel(), minlength=256)
@@ -156,7 +161,9 @@ def count_instances(seg: np.ndarray, pixels: np.ndarray | None = None) -> np.nda
 
     structure = np.ones((3, 3), bool)
     for c in present:
-        counts[c] = ndimage.label(seg == c, structure=structure)[1]
+        comp, n = ndimage.label(seg == c, structure=structure)
+        if n:
+            counts[c] = int((np.bincount(comp.ravel(), minlength=n + 1)[1:] >= min_pixels).sum())
     return counts
 
 

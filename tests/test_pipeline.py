@@ -321,3 +321,21 @@ def test_bad_manifest_is_one_line_exit_2(tmp_path):
     bad.write_text("name: x\nroot: /nonexistent\nshards: '{0..3}.tar'\noutput: /tmp/x\n")
     r, _ = _cli(["--shards", str(bad), "--profile", "null"], {}, tmp_path)
     assert r.returncode == 2 and "matches no shard" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_instance_histogram_counts_objects_not_fragments():
+    from pipeline.worker import count_instances, encode_maps
+
+    seg = np.zeros((50, 50), np.uint8)
+    seg[2:10, 2:10] = 3
+    seg[20:30, 20:30] = 3        # a second, separate object of class 3
+    seg[40, 40] = 3              # a 1-pixel fragment: not an object
+    seg[5:9, 30:34] = 7
+    seg[45:48, 0:2] = labels.SEG_IGNORE
+    counts = count_instances(seg)
+    assert counts[3] == 2 and counts[7] == 1 and counts.sum() == 3
+    # an expert that reports its painted instances' classes is trusted over the map
+    maps = {"seg": seg, "instance_classes": np.array([3, 3, 3, 7])}
+    _, hist = encode_maps("k", maps, (50, 50), ("seg",), 1.0)
+    assert hist["instances"][3] == 3 and hist["instances"][7] == 1
+    assert hist["pixels"][3] == 64 + 100 + 1 and hist["pixels"][labels.SEG_IGNORE] == 6
