@@ -279,7 +279,8 @@ def _root_cause(e: BaseException) -> str:
         e, cause, seen = cause, getattr(cause, "cause", None) or cause.__cause__, seen + 1
     text = str(e).strip().splitlines()
     tail = [ln for ln in text if ln.strip()][-1:] or [type(e).__name__]
-    return f"{type(e).__name__}: {tail[0]}" if not tail[0].startswith(type(e).__name__) else tail[0]
+    line = f"{type(e).__name__}: {tail[0]}" if not tail[0].startswith(type(e).__name__) else tail[0]
+    return line if len(line) <= 240 else line[:239] + "…"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -189,3 +189,36 @@ def test_damaged_shards_job_completes_with_skips(sample_dir, tmp_path, ray_local
     skips = json.loads(stats_path(out, "00001").read_text())["skips"]
     assert [s["key"] for s in skips] == ["000010001", "000010003", "000010005"]
     assert [s["index"] for s in skips] == [1, 3, 5]
+
+
+@pytest.mark.timeout(300)
+def test_driver_replaces_a_worker_ray_will_not_restart(sample_dir, tmp_path, ray_local):
+    """With no Ray-level restarts left, the driver itself replaces the dead actor and redoes the
+    shard (null experts: this is about the pool, not the maps)."""
+    yaml, out = sample_yaml(tmp_path, sample_dir), tmp_path / "labels"
+    spec = spec_for(yaml, out, workers=1, sample_delay=0.4)
+    spec.worker.profile = "null"
+    spec.max_restarts = spec.max_task_retries = 0
+    events: list[tuple[str, dict]] = []
+    pids: list[int] = []
+
+    def on_event(kind, d):
+        events.append((kind, d))
+        if kind == "actor_ready":
+            pids.append(d["pid"])
+
+    th, box = run_in_thread(spec, on_event)
+    wait_for(lambda: (out / "seg").is_dir() and any((out / "seg").glob(".00000.tar.tmp*")), 120,
+             "shard 00000 to start")
+    time.sleep(0.5)
+    os.kill(pids[0], signal.SIGKILL)
+    th.join(200)
+    assert not th.is_alive()
+    if "error" in box:
+        raise box["error"]
+    assert [k for k, _ in events].count("actor_replaced") == 1
+    starts = [d["attempt"] for k, d in events if k == "shard_started" and d["shard"] == "00000"]
+    assert starts == [1, 2]
+    assert_aligned(sample_dir, out)
+    assert_no_partial_visible(out)
+    assert not [p for p in out.rglob(".*.tmp*")]
