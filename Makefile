@@ -9,6 +9,8 @@ OUT ?= data/labels/$(SHARDS)
 STEPS ?=
 NPROC ?= 2
 TSV ?=
+TASKS ?=
+RUN ?=
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 .PHONY: help install sample test pseudolabel train preview bench download clean
@@ -39,7 +41,8 @@ pseudolabel: install $(if $(filter sample,$(SHARDS)),sample)
 
 train: install $(if $(filter sample,$(SHARDS)),sample)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m trainer.train \
-	  --shards $(SHARDS) --labels $(OUT) --profile $(PROFILE) $(if $(STEPS),--steps $(STEPS))
+	  --shards $(SHARDS) --labels $(OUT) --profile $(PROFILE) --resume latest \
+	  $(if $(STEPS),--steps $(STEPS)) $(if $(TASKS),--tasks $(TASKS)) $(if $(RUN),--run-dir $(RUN))
 
 preview: install
 	$(PY) -m pipeline.preview --shards $(SHARDS) --labels $(OUT)

@@ -103,8 +103,11 @@ def _delta_rows(q: np.ndarray) -> np.ndarray:
 
 
 def _undelta_rows(d: np.ndarray) -> np.ndarray:
-    """Inverse of ``_delta_rows`` (== np.cumsum(d, axis=0, dtype=d.dtype)). Row-by-row vector adds
-    run about twice as fast as numpy's cumsum, and this is the hot path of every label decode."""
+    """Inverse of ``_delta_rows``: a cumulative sum over rows, wrapping in the dtype. This is the hot
+    path of every label decode. Measured here: numpy's cumsum wins on narrow maps (2x at 256 wide),
+    row-by-row vector adds win on wide ones (2x at 512, 2.7x at 741 wide)."""
+    if d.shape[1] < 384:
+        return np.cumsum(d, axis=0, dtype=d.dtype)
     out = np.empty_like(d)
     out[0] = d[0]
     for i in range(1, d.shape[0]):
@@ -204,19 +207,22 @@ def _raw_size(codec: str, shape) -> int:
     return pixels * {"u8": 1, "u16q": 2, "u16q_delta": 2, "oct16_delta": 2}[codec]
 
 
-def _from_raw(codec: str, raw: bytes, header: dict) -> np.ndarray:
-    shape = tuple(header["shape"])
+def _codes_from_raw(codec: str, raw: bytes, shape) -> np.ndarray:
     if codec == "u8":
         return np.frombuffer(raw, np.uint8).reshape(shape).copy()
+    codes = _unplanes(raw, shape)
+    return codes if codec == "u16q" else _undelta_rows(codes)  # wraps modulo 2**16
+
+
+def values_from_codes(header: dict, codes: np.ndarray) -> np.ndarray:
+    """Stored codes (any crop or resampling of them) -> the label values ``decode`` returns. Nearest
+    resampling commutes with this, so a loader can crop codes first and convert only what it keeps."""
+    codec = header["codec"]
+    if codec == "u8":
+        return codes
     if codec in ("u16q", "u16q_delta"):
-        q = _unplanes(raw, shape)
-        if codec == "u16q_delta":
-            q = _undelta_rows(q)  # wraps modulo 2**16, undoing the delta
-        return _dequantise16(q, header)
-    if codec == "oct16_delta":
-        code = _undelta_rows(_unplanes(raw, shape))
-        return np.take(_oct_lut(), code, axis=0)
-    raise AssertionError(codec)
+        return _dequantise16(codes, header)
+    return np.take(_oct_lut(), codes, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +278,9 @@ def read_header(data: bytes) -> tuple[dict, memoryview]:
     return header, memoryview(data)[_PREFIX.size + hlen:]
 
 
-def decode_with_header(data: bytes) -> tuple[dict, np.ndarray]:
+def decode_codes(data: bytes) -> tuple[dict, np.ndarray]:
+    """Header and stored codes (uint8 class ids, uint16 quantised values or octahedral codes) of a
+    member, with every check ``decode`` makes. See ``values_from_codes``."""
     header, payload = read_header(data)
     expected = _raw_size(header["codec"], header["shape"])
     try:
@@ -289,7 +297,12 @@ def decode_with_header(data: bytes) -> tuple[dict, np.ndarray]:
         raise LabelFormatError(f"corrupt zstd payload: {e}") from None
     if len(raw) != expected:
         raise LabelFormatError("payload size does not match its header")
-    return header, _from_raw(header["codec"], raw, header)
+    return header, _codes_from_raw(header["codec"], raw, tuple(header["shape"]))
+
+
+def decode_with_header(data: bytes) -> tuple[dict, np.ndarray]:
+    header, codes = decode_codes(data)
+    return header, values_from_codes(header, codes)
 
 
 def decode(member_name: str, data: bytes) -> np.ndarray:

@@ -348,19 +348,26 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
         np.copyto(out["image"], image)
         image = out["image"]
     res["image"] = image
+    crop_index: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # per label resolution
     for task, members in rec["labels"].items():
         for kind in kinds[task]:
             try:
-                header, arr = L.decode_with_header(members[kind])
+                header, codes = L.decode_codes(members[kind])
             except L.LabelFormatError:
                 raise SampleError(f"bad_{task}") from None
             if header["kind"] != kind or tuple(header.get("image_size", ())) != (H, W):
                 raise SampleError(f"bad_{task}")  # a label made for another image
-            lH, lW = arr.shape[:2]
-            sx, sy = lW / W, lH / H  # the crop box in this label's pixels
-            rows = nearest_index(box[1] * sy, box[3] * sy, lh, lH)
-            cols = nearest_index(box[0] * sx, box[2] * sx, lw, lW, reverse=flip)
-            y = arr.take(rows, axis=0).take(cols, axis=1, out=None if out is None else out[kind])
+            lH, lW = codes.shape[:2]
+            if (lH, lW) not in crop_index:
+                sx, sy = lW / W, lH / H  # the crop box in this label's pixels
+                crop_index[lH, lW] = (nearest_index(box[1] * sy, box[3] * sy, lh, lH),
+                                      nearest_index(box[0] * sx, box[2] * sx, lw, lW, reverse=flip))
+            rows, cols = crop_index[lH, lW]
+            # crop the stored codes, then convert only the kept pixels (nearest commutes with it)
+            y = L.values_from_codes(header, codes.take(rows, axis=0).take(cols, axis=1))
+            if out is not None:
+                np.copyto(out[kind], y)
+                y = out[kind]
             if kind == "normal" and flip:
                 y[..., 0] *= -1  # mirrored image: the normal's x flips (camera x = image right)
             res[kind] = y
