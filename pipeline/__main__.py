@@ -20,6 +20,16 @@ from pathlib import Path
 from pipeline import labels
 
 
+def _weights(pairs: list[str], opts: dict) -> dict:
+    """``task=path`` pairs (as ``python -m expert_wrappers --weights``) -> options[task]["weights"]."""
+    for p in pairs:
+        task, sep, path = p.partition("=")
+        if not sep or task not in labels.TASKS or not path:
+            raise ValueError(f"--weights wants TASK=PATH with TASK in {list(labels.TASKS)}, got {p!r}")
+        opts.setdefault(task, {})["weights"] = path
+    return opts
+
+
 def _options(pairs: list[str]) -> dict:
     """``task.key=value`` pairs -> ``{task: {key: value}}`` for the experts; values are parsed as
     JSON when they parse (numbers, true/false, null), else kept as strings."""
@@ -60,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--expert-option", action="append", default=[], metavar="TASK.KEY=VALUE",
                     help="expert option, e.g. seg.score_threshold=0.4 or depth.checkpoint="
                     "Intel/dpt-hybrid-midas (see expert_wrappers.build_expert); repeatable")
+    ap.add_argument("--weights", action="append", default=[], metavar="TASK=PATH",
+                    help="a local checkpoint for an expert, e.g. normal=/path/scannet.pt; repeatable")
     ap.add_argument("--ray-address", default=None,
                     help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--verify", choices=("sha256", "size"), default="sha256",
@@ -96,7 +108,8 @@ def main(argv=None) -> int:
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; known: {list(labels.TASKS)}")
         cfg = WorkerConfig(tasks=tasks, profile=args.profile, device=args.device,
-                           options=_options(args.expert_option), label_scale=args.label_scale,
+                           options=_weights(args.weights, _options(args.expert_option)),
+                           label_scale=args.label_scale,
                            batch_size=args.batch_size, decode_threads=args.decode_threads,
                            encode_threads=args.encode_threads, torch_threads=args.threads_per_worker,
                            sample_delay=args.sample_delay)
