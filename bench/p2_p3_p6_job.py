@@ -10,6 +10,9 @@ P3  job samples/s with the smoke experts (1 worker, 1 torch thread) vs the same 
 P6  job samples/s with 2 workers vs 1 worker (1 torch thread each: one core per worker is the
     CPU analogue of one GPU per worker). Goal speedup >= 1.7.
 
+P3 and P6 run each side twice, interleaved, and keep each side's best run (the machine is shared
+and other processes' load comes and goes); every run's figure is reported too.
+
 Job throughput is steady state: samples / time from the first shard handed out to the last one
 finished (Ray start-up and expert loading excluded, reported separately as ``*_end_to_end``). The
 data are the sample's photographs re-keyed into larger shards in a temporary folder (removed
@@ -173,38 +176,45 @@ def _p2(sample_dir: Path, tmp: Path, one: set) -> dict:
                     "(the normal map's octahedral encoder dominates); bare decoding does neither"}
 
 
-def _p3_p6(sample_dir: Path, tmp: Path, parts) -> dict:
+def _p3_p6(sample_dir: Path, tmp: Path, parts, repeats: int = 2) -> dict:
     src = tmp / "p3"
     # shards big enough that a shard's last batch (encoded after the experts are done with the
     # shard) is a small part of it, as with CC3M's 10k-sample shards
     shards = make_shards(sample_dir, src, n_shards=2, per_shard=32)
-    # bare side before and after the job, averaged: the load other processes put on this shared
-    # machine drifts over minutes
-    n_exp, t_before, t_build = bare_experts(shards, batch_size=8, threads=1)
-    one = job(src, tmp / "out-p3-1", "smoke", workers=1)
-    _, t_after, _ = bare_experts(shards, batch_size=8, threads=1)
+    # every side runs `repeats` times, interleaved, and keeps its best run: on this shared machine
+    # other processes' load comes and goes, and the least disturbed run is the one to compare
+    bare_t, ones, twos = [], [], []
+    for r in range(repeats):
+        n_exp, t, t_build = bare_experts(shards, batch_size=8, threads=1)
+        bare_t.append(t)
+        ones.append(job(src, tmp / f"out-p3-1-{r}", "smoke", workers=1))
+        if "P6" in parts:
+            twos.append(job(src, tmp / f"out-p6-2-{r}", "smoke", workers=2))
+    one = max(ones, key=lambda j: j["samples_per_s"])
+    rate = n_exp / min(bare_t)
     out: dict = {}
-    rate = n_exp / ((t_before + t_after) / 2)
     out["P3"] = {"ratio": round(one["samples_per_s"] / rate, 4),
                  "job_samples_per_s": round(one["samples_per_s"], 3),
                  "bare_experts_samples_per_s": round(rate, 3),
-                 "samples": n_exp, "torch_threads": 1, "batch_size": 8,
+                 "samples": n_exp, "torch_threads": 1, "batch_size": 8, "best_of": repeats,
+                 "job_samples_per_s_runs": [round(j["samples_per_s"], 3) for j in ones],
+                 "bare_experts_samples_per_s_runs": [round(n_exp / t, 3) for t in bare_t],
                  "job_end_to_end_samples_per_s": round(one["samples_per_s_end_to_end"], 3),
-                 "bare_experts_seconds_before_after": [round(t_before, 2), round(t_after, 2)],
                  "bare_experts_build_s": round(t_build, 2),
                  "job_worker_timing_s": one["worker_timing_s"],
                  # share of the job's wall time its worker spent inside the experts: what the
                  # pipeline around them costs, independent of how fast the experts ran
                  "experts_busy_fraction": round(one["worker_timing_s"]["experts"] / one["pool_seconds"], 4)}
-    if "P6" in parts:
-        two = job(src, tmp / "out-p6-2", "smoke", workers=2)
+    if twos:
+        two = max(twos, key=lambda j: j["samples_per_s"])
         out["P6"] = {"speedup": round(two["samples_per_s"] / one["samples_per_s"], 4),
                      "one_worker_samples_per_s": round(one["samples_per_s"], 3),
                      "two_workers_samples_per_s": round(two["samples_per_s"], 3),
+                     "two_workers_samples_per_s_runs": [round(j["samples_per_s"], 3) for j in twos],
                      "end_to_end_speedup": round(two["samples_per_s_end_to_end"]
                                                  / one["samples_per_s_end_to_end"], 4),
                      "samples": two["samples"], "profile": "smoke", "torch_threads_per_worker": 1,
-                     "cores": len(os.sched_getaffinity(0)),
+                     "cores": len(os.sched_getaffinity(0)), "best_of": repeats,
                      "two_workers_timing_s": two["worker_timing_s"]}
     return out
 

@@ -234,6 +234,7 @@ class _Pool:
         self.spec, self.cfg, self.gpus, self.cpus = spec, cfg, gpus, cpus
         self.on_event = on_event or (lambda *a: None)
         self.actors = [self._new() for _ in range(n)]
+        self.starting: dict[int, tuple] = {}
 
     def _new(self):
         # SPREAD: workers go to different nodes when they can (one per GPU node, or CPU nodes)
@@ -263,7 +264,20 @@ class _Pool:
         with contextlib.suppress(Exception):
             self.ray.kill(self.actors[i], no_restart=True)
         self.actors[i] = self._new()
+        self.starting[i] = (self.actors[i].info.remote(), time.monotonic())
         self.on_event("actor_replaced", {"index": i, "actor": self.actors[i]})
+
+    def check_starting(self, timeout: float, log: Callable[[str], None]) -> None:
+        """Replacement actors that the cluster cannot place (e.g. the only GPU node left) would
+        leave their shard waiting silently: say so once they are overdue."""
+        for i, (ref, t) in list(self.starting.items()):
+            ready, _ = self.ray.wait([ref], timeout=0)
+            if ready:
+                del self.starting[i]
+            elif time.monotonic() - t > timeout:
+                log(f"warning: replacement worker {i} has not started after {timeout:.0f} s "
+                    f"(cluster resources now: {self.ray.available_resources()}); still waiting")
+                self.starting[i] = (ref, time.monotonic())
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -456,6 +470,8 @@ def _run_pool(spec: JobSpec, cfg: WorkerConfig, todo: list[Path], n_done: int, n
                         on_event("shard_started", {"index": i, "shard": src.stem, "actor": pool.actors[i],
                                                    "attempt": attempts[src.stem]})
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                if pool.starting:
+                    pool.check_starting(spec.actor_start_timeout, bar.write)
                 for ref in ready:
                     i, src = inflight.pop(ref)
                     try:
