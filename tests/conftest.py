@@ -8,7 +8,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset pulls albu
 
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
