@@ -24,7 +24,7 @@ import socket
 import tarfile
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -398,8 +398,3 @@ def build_experts(tasks, profile: str, device: str = "cpu", options: dict | None
     build = getattr(importlib.import_module(module), func or "build_experts")
     return build(list(tasks), profile=profile, device=device, options=options or None)
 
-
-def config_dict(cfg: WorkerConfig) -> dict:
-    d = asdict(cfg)
-    d["tasks"] = list(cfg.tasks)
-    return d

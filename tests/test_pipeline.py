@@ -2,7 +2,6 @@
 job, faults and clusters are in test_pipeline_ray.py / test_pipeline_cluster.py)."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
