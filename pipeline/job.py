@@ -317,6 +317,7 @@ def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> 
     described = [s.get("experts") for s in stats if s.get("experts")]
     by_workers = described[0] if described else experts
     differ = [s["shard"] for s in stats if s.get("experts") and s["experts"] != by_workers]
+    runs = [s["run"] for s in stats if s.get("run")]
     outputs = {t: {"bytes": sum(s["outputs"][t]["bytes"] for s in stats),
                    "members": sum(s["outputs"][t]["members"] for s in stats)} for t in cfg.tasks}
     manifest = {
@@ -332,8 +333,9 @@ def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> 
         "checkpoints": _checkpoints(by_workers),
         "config": {"fingerprint": fp, "profile": cfg.profile, "tasks": list(cfg.tasks),
                    "options": cfg.options, "label_scale": cfg.label_scale,
-                   "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
-                   "torch_threads": cfg.torch_threads},
+                   "max_pixels": cfg.max_pixels},
+        "run": runs[0] if runs else {},
+        "run_differs_in_shards": [s["shard"] for s in stats if s.get("run", {}) != (runs[0] if runs else {})],
         "counts": {"shards": len(stats), "ok": ok, "skipped": skipped, "skip_reasons": reasons,
                    "samples_with_key": ok + sum(1 for s in stats for k in s["skips"] if k["key"] is not None)},
         "outputs": outputs,

@@ -337,12 +337,21 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
         "ignore_pixels": int(pixels[labels.SEG_IGNORE]),
         "class_instances": instances[:labels.NUM_SEG_CLASSES + 1].tolist(),
         "experts": {t: _describe(experts[t]) for t in tasks},
+        # throughput settings that can still change the experts' float outputs in the last bits
+        "run": {"batch_size": cfg.batch_size, "torch_threads": _torch_threads()},
         "seconds": round(time.perf_counter() - t_start, 3),
         "timing": {k: round(v, 3) for k, v in timing.items()},
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
     }
     write_json_atomic(marker, stats)  # last: its presence means the shard is complete
     return stats
+
+
+def _torch_threads() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")  # experts without torch leave it unimported
+    return torch.get_num_threads() if torch is not None else None
 
 
 def _describe(expert) -> dict:

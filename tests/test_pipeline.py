@@ -252,6 +252,7 @@ def test_smoke_labels_fixture_is_the_job_output(sample_dir, smoke_labels):
     assert m["format_version"] == labels.FORMAT_VERSION
     assert m["counts"]["ok"] == 16 and m["counts"]["skipped"] == 0 and m["counts"]["shards"] == 2
     assert m["config"]["profile"] == PROFILE and m["config"]["label_scale"] == 0.5
+    assert m["run"] == {"batch_size": 8, "torch_threads": 1} and m["run_differs_in_shards"] == []
     assert set(m["experts"]) == set(labels.TASKS)
     assert m["checkpoints"] == {k: v for d in m["experts"].values() for k, v in d["checkpoints"].items()}
     assert len(m["classes"]) == len(m["class_pixels"]) == len(m["class_instances"]) == 81

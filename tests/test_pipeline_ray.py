@@ -163,9 +163,11 @@ def test_driver_interrupted_then_resume_does_only_the_rest(sample_dir, smoke_lab
     assert summary["processed"] == ["00001"] and summary["resumed"] == ["00000"]
     assert stats_path(out, "00000").read_bytes() == first_marker
     assert_same_output(out, smoke_labels)
-    # and a third run has nothing to do
-    again = run(spec_for(yaml, out, workers=1))
+    # and a third run (other throughput settings) has nothing to do and leaves the manifest as is
+    manifest = (out / "_manifest.json").read_bytes()
+    again = run(spec_for(yaml, out, workers=2, batch_size=4))
     assert again["processed"] == [] and again["workers"] == 0
+    assert (out / "_manifest.json").read_bytes() == manifest
 
 
 @pytest.mark.timeout(300)
