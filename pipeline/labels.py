@@ -12,6 +12,7 @@ check the decompressed size *before* allocating it (bounded decompression).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -132,31 +133,36 @@ def oct_encode(normals: np.ndarray) -> np.ndarray:
     """Unit vectors (..., 3) -> octahedral u8 pairs (..., 2).
 
     Of the 4 grid points around the continuous position we keep the one whose decoded vector is
-    closest to the input ("precise" octahedral encoding, Cigolle et al. 2014); it roughly halves the
-    worst-case angular error of plain rounding.
+    closest to the input ("precise" octahedral encoding, Cigolle et al. 2014): worst case 0.63°
+    instead of 0.94° for plain rounding. Candidates are scored through the decode table; the maths
+    runs on separate x/y/z planes, several times faster in numpy than on (N, 3) rows.
     """
-    n = np.asarray(normals, dtype=np.float64)
-    n = n / np.maximum(np.abs(n).sum(-1, keepdims=True), 1e-12)
-    x, y, z = n[..., 0], n[..., 1], n[..., 2]
-    neg = z < 0
-    fx = np.where(neg, (1 - np.abs(y)) * np.where(x >= 0, 1.0, -1.0), x)
-    fy = np.where(neg, (1 - np.abs(x)) * np.where(y >= 0, 1.0, -1.0), y)
-    gx, gy = (fx + 1) * 127.5, (fy + 1) * 127.5
-    target = np.asarray(normals, dtype=np.float64)
-    target = target / np.maximum(np.linalg.norm(target, axis=-1, keepdims=True), 1e-12)
-    best_q = None
-    best_dot = None
-    for ux in (np.floor(gx), np.ceil(gx)):
-        for uy in (np.floor(gy), np.ceil(gy)):
-            q = np.stack([np.clip(ux, 0, 255), np.clip(uy, 0, 255)], -1).astype(np.uint8)
-            dot = (oct_decode(q).astype(np.float64) * target).sum(-1)
-            if best_q is None:
-                best_q, best_dot = q, dot
-            else:
-                better = dot > best_dot
-                best_q = np.where(better[..., None], q, best_q)
-                best_dot = np.where(better, dot, best_dot)
-    return best_q
+    n = np.asarray(normals, dtype=np.float32)
+    shape = n.shape[:-1]
+    x, y, z = (np.ascontiguousarray(n[..., i]).ravel() for i in range(3))
+    l1 = np.maximum(np.abs(x) + np.abs(y) + np.abs(z), np.float32(1e-12))
+    px, py = x / l1, y / l1
+    lower = z < 0  # the lower hemisphere folds over the diagonals
+    one = np.float32(1)
+    fx = np.where(lower, (one - np.abs(py)) * np.where(px >= 0, one, -one), px)
+    fy = np.where(lower, (one - np.abs(px)) * np.where(py >= 0, one, -one), py)
+    low_u = np.clip(np.floor((fx + one) * np.float32(127.5)), 0, 254).astype(np.uint16)
+    low_v = np.clip(np.floor((fy + one) * np.float32(127.5)), 0, 254).astype(np.uint16)
+    base = low_u | (low_v << 8)
+    lx, ly, lz = _oct_lut_planes()
+    # comparing dot products only needs the target's direction, not its length
+
+    def score(code):
+        return lx.take(code) * x + ly.take(code) * y + lz.take(code) * z
+
+    best_code, best_dot = base, score(base)
+    for step in (1, 256, 257):  # (u+1, v), (u, v+1), (u+1, v+1)
+        code = base + np.uint16(step)
+        dot = score(code)
+        better = dot > best_dot
+        best_code = np.where(better, code, best_code)
+        best_dot = np.where(better, dot, best_dot)
+    return np.stack([best_code & 255, best_code >> 8], -1).astype(np.uint8).reshape(shape + (2,))
 
 
 _OCT_LUT: np.ndarray | None = None
@@ -169,6 +175,12 @@ def _oct_lut() -> np.ndarray:
         code = np.arange(1 << 16)
         _OCT_LUT = oct_decode(np.stack([code & 255, code >> 8], -1).astype(np.uint8))
     return _OCT_LUT
+
+
+@functools.lru_cache(maxsize=1)
+def _oct_lut_planes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lut = _oct_lut()
+    return tuple(np.ascontiguousarray(lut[:, i]) for i in range(3))
 
 
 def oct_decode(q: np.ndarray) -> np.ndarray:
@@ -344,10 +356,15 @@ def resize_map(kind: str, arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     if kind == "seg":
         return np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST))
     resample = Image.BOX if hw[0] <= arr.shape[0] else Image.BILINEAR
-    chans = arr[..., None] if arr.ndim == 2 else arr
-    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(chans[..., c], np.float32), "F")
-                               .resize(size, resample)) for c in range(chans.shape[-1])], -1)
-    if kind == "normal":
-        out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6)
-        return out.astype(np.float32)
-    return out[..., 0].astype(np.float32)
+
+    def plane(a):
+        return np.asarray(Image.fromarray(np.ascontiguousarray(a, np.float32), "F").resize(size, resample))
+
+    if kind != "normal":
+        return plane(arr)
+    # per-channel planes, renormalised without an (N, 3) norm: several times faster in numpy
+    x, y, z = (plane(arr[..., c]) for c in range(3))
+    inv = 1 / np.sqrt(np.maximum(x * x + y * y + z * z, np.float32(1e-12)))
+    out = np.empty(tuple(hw) + (3,), np.float32)
+    out[..., 0], out[..., 1], out[..., 2] = x * inv, y * inv, z * inv
+    return out
