@@ -88,10 +88,10 @@ def _quantise16(values: np.ndarray) -> tuple[np.ndarray, dict]:
 
 
 def _dequantise16(q: np.ndarray, header: dict) -> np.ndarray:
-    lo, hi = header["lo"], header["hi"]
+    lo, scale = quantisation(header)
     out = q.astype(np.float32)
-    out *= np.float32((hi - lo) / _Q16)  # float32 keeps ~1e-7 relative: far below the 1/65535 step
-    out += np.float32(lo)
+    out *= scale  # float32 keeps ~1e-7 relative: far below the 1/65535 step
+    out += lo
     return out
 
 
@@ -224,6 +224,16 @@ def _codes_from_raw(codec: str, raw: bytes, shape) -> np.ndarray:
         return np.frombuffer(raw, np.uint8).reshape(shape).copy()
     codes = _unplanes(raw, shape)
     return codes if codec == "u16q" else _undelta_rows(codes)  # wraps modulo 2**16
+
+
+def quantisation(header: dict) -> tuple[np.float32, np.float32]:
+    """(lo, scale) of a quantised member: value = lo + code * scale, computed in float32."""
+    return np.float32(header["lo"]), np.float32((header["hi"] - header["lo"]) / _Q16)
+
+
+def octahedral_table() -> np.ndarray:
+    """float32 (65536, 3): the unit vector of every octahedral code (code = u | v << 8)."""
+    return _oct_lut()
 
 
 def values_from_codes(header: dict, codes: np.ndarray) -> np.ndarray:

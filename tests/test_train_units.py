@@ -160,6 +160,22 @@ def test_same_crop_and_flip_on_image_and_labels():
     assert 4 <= flips <= 20
 
 
+def test_wire_codes_give_the_same_values_on_the_device():
+    """The loader ships uint16 codes; labels_to_values must rebuild exactly what load_sample's
+    float path gives (same crop, same flip)."""
+    rec = _record()
+    kinds = {"seg": ["seg"], "depth": ["depth"], "normal": ["normal"]}
+    for seed in range(6):
+        values = D.load_sample(rec, 64, 96, 32, 48, random.Random(seed), kinds, hflip=0.5)
+        codes = D.load_sample(rec, 64, 96, 32, 48, random.Random(seed), kinds, hflip=0.5, as_codes=True)
+        assert codes["depth"].dtype == np.uint16 and codes["normal"].shape == (32, 48)
+        batch = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v)[None])) for k, v in codes.items()
+                 if k not in ("caption", "image")}
+        got = D.labels_to_values(batch, ["seg", "depth", "normal"], torch.device("cpu"))
+        for kind in ("seg", "depth", "normal"):
+            assert torch.equal(got[kind][0], torch.from_numpy(np.ascontiguousarray(values[kind]))), (seed, kind)
+
+
 def test_label_for_another_image_is_rejected():
     rec = _record()
     other = _record(H=220, W=300)   # labels claim another image size

@@ -320,12 +320,16 @@ def nearest_index(lo: float, hi: float, n_out: int, n_in: int, reverse: bool = F
 
 def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random, kinds: dict,
                 crop_scale=(0.5, 1.0), crop_ratio=(0.75, 4 / 3), hflip: float = 0.5,
-                out: dict[str, np.ndarray] | None = None) -> dict:
+                out: dict[str, np.ndarray] | None = None, as_codes: bool = False) -> dict:
     """Decode one joined record and apply one random resized crop + flip to the image and its labels
     (crop coordinates scaled to each label's resolution; a flip negates the normals' x). The image is
     resampled bilinearly; every label map with nearest neighbour: class ids stay ids, normals stay unit
     vectors, and no depth or normal is blended across an object boundary. With ``out`` (a slot per
-    array of a preallocated batch) the arrays are written there instead of newly allocated."""
+    array of a preallocated batch) the arrays are written there instead of newly allocated.
+
+    ``as_codes``: continuous labels stay in their stored uint16 form (quantised depth/confidence with
+    ``<kind>_lo``/``<kind>_scale``, octahedral normal codes) — a quarter to a sixth of the float bytes
+    through the DataLoader's shared memory; ``labels_to_values`` converts them on the device."""
     if rec["img"] is None:
         raise SampleError("bad_image")
     try:
@@ -364,12 +368,17 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
                                       nearest_index(box[0] * sx, box[2] * sx, lw, lW, reverse=flip))
             rows, cols = crop_index[lH, lW]
             # crop the stored codes, then convert only the kept pixels (nearest commutes with it)
-            y = L.values_from_codes(header, codes.take(rows, axis=0).take(cols, axis=1))
+            y = codes.take(rows, axis=0).take(cols, axis=1)
+            if kind == "normal" and flip:
+                y ^= np.uint16(255)  # mirrored image: u -> 255 - u is the octahedral code of (-x, y, z)
+            if as_codes and header["codec"] != "u8":
+                if header["codec"].startswith("u16q"):
+                    res[f"{kind}_lo"], res[f"{kind}_scale"] = L.quantisation(header)
+            else:
+                y = L.values_from_codes(header, y)
             if out is not None:
                 np.copyto(out[kind], y)
                 y = out[kind]
-            if kind == "normal" and flip:
-                y[..., 0] *= -1  # mirrored image: the normal's x flips (camera x = image right)
             res[kind] = y
     return res
 
@@ -470,8 +479,10 @@ class TrainStream(IterableDataset):
         # the batch is allocated once and every sample is written into its slot (no stacking copies)
         arrays = {"image": np.empty((bs, h, w, 3), np.uint8)}
         for kind in (k for ks in self.kinds.values() for k in ks):
-            arrays[kind] = np.empty((bs, lh, lw) + ((3,) if kind == "normal" else ()),
-                                    np.uint8 if kind == "seg" else np.float32)
+            # the compact wire form (see load_sample's as_codes); labels_to_values makes floats
+            arrays[kind] = np.empty((bs, lh, lw), np.uint8 if kind == "seg" else np.uint16)
+            if kind not in ("seg", "normal"):
+                arrays[f"{kind}_lo"], arrays[f"{kind}_scale"] = np.empty(bs, np.float32), np.empty(bs, np.float32)
         captions, failures, pos = [], 0, None
         while len(captions) < bs:
             item, pos = next(items)
@@ -479,9 +490,14 @@ class TrainStream(IterableDataset):
                 counts[R[item[1]]] += 1
                 failures += 1
             else:
-                slot = {k: a[len(captions)] for k, a in arrays.items()}
+                i = len(captions)
+                slot = {k: a[i] for k, a in arrays.items() if a.ndim > 1}
                 try:
-                    s = load_sample(item, h, w, lh, lw, rng, self.kinds, c.crop_scale, c.crop_ratio, c.hflip, slot)
+                    s = load_sample(item, h, w, lh, lw, rng, self.kinds, c.crop_scale, c.crop_ratio, c.hflip, slot,
+                                    as_codes=True)
+                    for k, a in arrays.items():
+                        if a.ndim == 1:
+                            a[i] = s[k]
                     captions.append(s["caption"])
                     failures = 0
                 except SampleError as e:
@@ -491,7 +507,7 @@ class TrainStream(IterableDataset):
             if failures > MAX_CONSECUTIVE_SKIPS:
                 raise DataError(f"rank {self.rank}: {failures} records in a row were unusable; counts so far: "
                                 f"{ {r: n for r, n in zip(REASONS, counts) if n} }")
-        batch = {k: torch.from_numpy(a) for k, a in arrays.items()}  # image (B, h, w, 3), normal (B, lh, lw, 3)
+        batch = {k: torch.from_numpy(a) for k, a in arrays.items()}  # image (B, h, w, 3), labels (B, lh, lw)
         batch.update({"text": self.tokenizer(captions), "step": step, "stream": stream, "pos": pos,
                       "skips": torch.tensor(counts, dtype=torch.int64),
                       "worker_cpu_s": time.process_time()})  # this worker's CPU clock (loader cost, P4)
@@ -508,6 +524,29 @@ class TrainStream(IterableDataset):
         while True:
             yield self.make_batch(step, items, stream)
             step += self.num_streams
+
+
+_LUTS: dict = {}
+
+
+def labels_to_values(batch: dict, kinds: list[str], device) -> dict[str, torch.Tensor]:
+    """The wire form of ``make_batch`` -> float targets on ``device``, the same values
+    ``pipeline.labels.decode`` gives: seg stays uint8; quantised maps are ``lo + q * scale`` in
+    float32; normal codes go through the octahedral decode table, (B, H, W, 3)."""
+    out = {}
+    for kind in kinds:
+        t = batch[kind].to(device, non_blocking=True)
+        if kind == "seg":
+            out[kind] = t
+        elif kind == "normal":
+            if device not in _LUTS:
+                _LUTS[device] = torch.from_numpy(L.octahedral_table()).to(device)
+            out[kind] = _LUTS[device][t.to(torch.int32)]
+        else:
+            lo = batch[f"{kind}_lo"].to(device)[:, None, None]
+            scale = batch[f"{kind}_scale"].to(device)[:, None, None]
+            out[kind] = t.to(torch.float32).mul_(scale).add_(lo)  # two roundings, as numpy's decode
+    return out
 
 
 def make_loader(dataset: TrainStream, num_workers: int, pin_memory: bool, prefetch_factor: int = 2) -> DataLoader:

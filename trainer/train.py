@@ -226,7 +226,7 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
         assert batch["step"] == step, (batch["step"], step)
         images = (batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().contiguous() - mean) / std
         texts = batch["text"].to(device, non_blocking=True)
-        targets = {k: batch[k].to(device, non_blocking=True) for k in label_kinds}
+        targets = D.labels_to_values(batch, label_kinds, device)
         if "normal" in targets:
             targets["normal"] = targets["normal"].permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         label_size = tuple(targets[label_kinds[0]].shape[-2:]) if label_kinds else None
