@@ -129,8 +129,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record | Skip]:
         yield Skip(None, "empty_tar", "no members")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
-    """Bytes -> RGB uint8 array with EXIF orientation applied. Raises ``ValueError(reason)``."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+    """Bytes -> decoded RGB PIL image with EXIF orientation applied, and the source mode.
+    Raises ``ValueError(reason)``. Consumers that resize next (the trainer) stay in PIL."""
     if not data:
         raise ValueError("empty_image")
     try:
@@ -152,17 +153,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.
             # 16-bit grey: scale to 8 bits instead of PIL's clipping conversion
             arr = np.asarray(img, dtype=np.uint32)
             arr = (arr >> 8).astype(np.uint8) if arr.max() > 255 else arr.astype(np.uint8)
-            rgb = np.repeat(arr[..., None], 3, axis=-1)
-        else:
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-                # composite on white: transparent regions are background in web images
-                rgba = img.convert("RGBA")
-                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(canvas, rgba)
-            rgb = np.asarray(img.convert("RGB"))
+            return Image.fromarray(arr).convert("RGB"), mode
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+            # composite on white: transparent regions are background in web images
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(canvas, rgba)
+        return (img if img.mode == "RGB" else img.convert("RGB")), mode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError("truncated_image", str(e)) from None
-    return np.ascontiguousarray(rgb), mode
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Bytes -> RGB uint8 array (H, W, 3) with EXIF orientation applied. Raises ``ValueError(reason)``."""
+    img, mode = open_image(data, max_pixels)
+    return np.ascontiguousarray(np.asarray(img)), mode
 
 
 def decode_record(record: Record, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample | Skip:

@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline import labels as L
-from pipeline.shards import IMAGE_EXTS, decode_image
+from pipeline.shards import IMAGE_EXTS, open_image
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
     if rec["img"] is None:
         raise SampleError("bad_image")
     try:
-        img, _ = decode_image(rec["img"])
+        img, _ = open_image(rec["img"])
     except ValueError:
         raise SampleError("bad_image") from None
     try:
@@ -342,11 +342,11 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
         caption = ""
     if not caption:
         raise SampleError("missing_caption")
-    H, W = img.shape[:2]
+    W, H = img.size
     box = rrc_box(H, W, h, w, crop_scale, crop_ratio, rng)
     flip = rng.random() < hflip
     res = {"caption": caption}
-    image = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR, box=box))
+    image = np.asarray(img.resize((w, h), Image.BILINEAR, box=box))
     image = image[:, ::-1] if flip else image
     if out is not None:
         np.copyto(out["image"], image)
