@@ -3,7 +3,8 @@
 An expert takes a batch of RGB uint8 images (H, W, 3) of arbitrary sizes and returns, per image, a
 dict of dense maps at that image's resolution, keyed by label kind (see ``pipeline.labels.KINDS``):
 
-    seg expert    -> {"seg": uint8 (H, W), optional "seg_conf": float32 (H, W)}
+    seg expert    -> {"seg": uint8 (H, W), optional "seg_conf": float32 (H, W),
+                      optional "instance_classes": int64 (N,) classes of the painted instances}
     depth expert  -> {"depth": float32 (H, W) relative inverse depth, larger = nearer}
     normal expert -> {"normal": float32 (H, W, 3) unit vectors, "normal_conf": float32 (H, W) kappa}
 """

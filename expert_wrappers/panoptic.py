@@ -130,8 +130,12 @@ def _accept(cm: torch.Tensor, area: torch.Tensor, w: torch.Tensor, overlap_thres
 
 def instances_to_semantic(det: Detections, hw: tuple[int, int], *, score_threshold: float = 0.5,
                           overlap_threshold: float = 0.5, ignore_threshold: float | None = None,
-                          confidence: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          confidence: bool = False, painted: list | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Semantic map (H, W) uint8 (0 background, 1..80, 255 ignore) and optional confidence.
+
+    ``painted``: a list that receives the class of every instance the rule painted (the per-class
+    instance counts of the manifest, the paper's Fig. 2a).
 
     ``ignore_threshold`` (off by default): unclaimed pixels of instances scoring in
     [ignore_threshold, score_threshold) become 255 — they are neither a confident thing nor
@@ -171,6 +175,8 @@ def instances_to_semantic(det: Detections, hw: tuple[int, int], *, score_thresho
         accepted = _accept(cm, ca, wk, overlap_threshold)
 
     # paint: per pixel the class of its first kept owner, looked up by the owner's weight
+    if painted is not None:
+        painted.extend(ccls[accepted].tolist())
     best = _first_owner(cm, wk, accepted)  # 0 where nobody owns the pixel
     lut = torch.zeros(k + 1, dtype=torch.uint8, device=device)
     lut[wk.long()] = ccls.to(torch.uint8)

@@ -240,11 +240,12 @@ class MaskRCNNExpert(TorchExpert):
                 for im, det in zip(batch, self.detect(batch)):
                     if self.sam is not None:
                         det = self.sam.refine(im, det)
+                    painted: list[int] = []
                     seg, conf = instances_to_semantic(
                         det, im.shape[:2], score_threshold=self.score_threshold,
                         overlap_threshold=self.overlap_threshold, ignore_threshold=self.ignore_threshold,
-                        confidence=self.confidence)
-                    out = {"seg": seg.cpu().numpy()}
+                        confidence=self.confidence, painted=painted)
+                    out = {"seg": seg.cpu().numpy(), "instance_classes": np.array(painted, np.int64)}
                     if conf is not None:
                         out["seg_conf"] = conf.cpu().numpy()
                     results.append(out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import struct
 
 import numpy as np
@@ -343,16 +342,6 @@ def encode_sample(key: str, maps: dict[str, np.ndarray], image_size: tuple[int, 
     for kind, arr in maps.items():
         out.setdefault(task_of(kind), {})[member_name(key, kind)] = encode(kind, arr, image_size=image_size)
     return out
-
-
-def max_normal_error_deg() -> float:
-    """Worst-case angular error of the normal codec over a dense sphere sample (for docs/tests)."""
-    rng = np.random.default_rng(0)
-    v = rng.normal(size=(200_000, 3))
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    back = oct_decode(oct_encode(v))
-    cos = np.clip((back * v).sum(1), -1, 1)
-    return math.degrees(float(np.arccos(cos).max()))
 
 
 def resize_map(kind: str, arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -244,10 +244,12 @@ def test_seg_smoke_maps(smoke, smoke_out, images):
     outs = smoke_out["seg"]
     assert len(outs) == len(images)
     for img, out in zip(images, outs):
-        assert set(out) == {"seg"}
+        assert set(out) == {"seg", "instance_classes"}
         seg = out["seg"]
         assert seg.dtype == np.uint8 and seg.shape == img.shape[:2]
         assert seg.max() <= 80
+        # every painted instance's class shows in the map, and every class in the map was painted
+        assert set(out["instance_classes"].tolist()) == set(np.unique(seg).tolist()) - {0}
     assert any(o["seg"].any() for o in outs), "the smoke detector should paint some instances"
     again = smoke["seg"].predict(images)
     assert all(np.array_equal(a["seg"], b["seg"]) for a, b in zip(outs, again))  # deterministic on CPU
@@ -369,11 +371,13 @@ def test_normal_smoke_maps(smoke_out, images):
 
 
 def test_smoke_outputs_encode_as_labels(smoke_out, images):
-    """Every kind and dtype the experts return is one the label format accepts."""
+    """Every map kind and dtype the experts return is one the label format accepts (the seg
+    expert's ``instance_classes`` is a list for the manifest, not a map)."""
     from pipeline import labels
 
     for i, img in enumerate(images):
-        maps = {k: v for t in smoke_out for k, v in smoke_out[t][i].items()}
+        maps = {k: v for t in smoke_out for k, v in smoke_out[t][i].items() if k != "instance_classes"}
+        assert set(maps) <= set(labels.KINDS)
         for task, members in labels.encode_sample(f"k{i}", maps, img.shape[:2]).items():
             for name, data in members.items():
                 back = labels.decode(name, data)
