@@ -156,3 +156,71 @@ def test_spec_recipe_matches_reader():
         theirs = decode_label(data)
         assert theirs.shape == ours.shape
         assert np.allclose(theirs, ours, atol=1e-5), kind
+
+
+def _reference_codes(data):
+    """Stored codes the slow, obvious way (numpy + zstandard, cumsum over rows): what the fast
+    decoder must reproduce bit for bit."""
+    h, payload = labels.read_header(data)
+    raw = zstandard.ZstdDecompressor().decompress(payload)
+    H, W = h["shape"]
+    if h["codec"] == "u8":
+        return np.frombuffer(raw, np.uint8).reshape(H, W)
+    b = np.frombuffer(raw, np.uint8).reshape(2, -1).astype(np.uint16)
+    codes = (b[0] | (b[1] << 8)).reshape(H, W)
+    return codes if h["codec"] == "u16q" else np.cumsum(codes, axis=0, dtype=np.uint16)
+
+
+def _random_map(kind, H, W, rng):
+    if kind == "seg":
+        return rng.integers(0, 256, (H, W)).astype(np.uint8)
+    if kind == "normal":
+        return sphere(H * W, int(rng.integers(1 << 30))).reshape(H, W, 3)
+    return rng.random((H, W)).astype(np.float32) * 10  # noise: every delta wraps somewhere
+
+
+SHAPES = [(1, 1), (1, 9), (2, 3), (3, 5), (7, 1), (16, 24), (129, 77), (300, 41), (5, 400), (256, 256)]
+KINDS_BY_CODEC = ["seg", "seg_conf", "depth", "normal"]  # u8, u16q, u16q_delta, oct16_delta
+
+
+def test_codes_equal_the_reference_decoder():
+    rng = np.random.default_rng(5)
+    for H, W in SHAPES:  # heights that are and are not powers of two (the row scan doubles its step)
+        for kind in KINDS_BY_CODEC:
+            data = encode(kind, _random_map(kind, H, W, rng))
+            codes, ref = labels.decode_codes(data)[1], _reference_codes(data)
+            assert codes.shape == (H, W) and codes.dtype == ref.dtype and (codes == ref).all(), (kind, H, W)
+
+
+def test_window_decode_equals_full_decode_cropped():
+    rng = np.random.default_rng(6)
+    for H, W in SHAPES:
+        for kind in KINDS_BY_CODEC:
+            data = encode(kind, _random_map(kind, H, W, rng))
+            header, full = labels.decode_codes(data)
+            windows = [(0, H, 0, W), (0, 1, 0, W), (H - 1, H, 0, W), (0, H, W - 1, W), (H // 2, H // 2, 0, W)]
+            for _ in range(25):
+                r0, r1 = sorted(int(v) for v in rng.integers(0, H + 1, 2))
+                c0, c1 = sorted(int(v) for v in rng.integers(0, W + 1, 2))
+                windows.append((r0, r1, c0, c1))
+            for r0, r1, c0, c1 in windows:
+                _, payload = labels.read_header(data)
+                got = labels.decode_payload(header, payload, slice(r0, r1), slice(c0, c1))
+                want = full[r0:r1, c0:c1]
+                assert got.dtype == want.dtype and got.shape == want.shape, (kind, H, W, r0, r1, c0, c1)
+                assert (got == want).all(), (kind, H, W, r0, r1, c0, c1)
+                got[...] = 0  # the caller owns it: no read-only view of the member's bytes
+    with pytest.raises(ValueError, match="step 1"):
+        labels.decode_payload(header, payload, slice(0, H, 2), slice(None))
+
+
+def test_window_decode_checks_the_whole_frame():
+    data = encode("depth", np.random.default_rng(7).random((32, 32)).astype(np.float32))
+    header, payload = labels.read_header(data)
+    with pytest.raises(LabelFormatError):  # the frame ends early, far below the window
+        labels.decode_payload(header, payload[:-9], slice(0, 2), slice(0, 2))
+    broken = zstandard.ZstdCompressor().compress(bytes(2 * 33 * 32))  # one row too many
+    with pytest.raises(LabelFormatError, match="allows exactly"):
+        labels.decode_payload(header, broken, slice(0, 2), slice(0, 2))
+    # the decoder reused by this thread is still good after a failure
+    assert (labels.decode_payload(header, payload) == _reference_codes(data)).all()

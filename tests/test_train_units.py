@@ -176,6 +176,51 @@ def test_wire_codes_give_the_same_values_on_the_device():
             assert torch.equal(got[kind][0], torch.from_numpy(np.ascontiguousarray(values[kind]))), (seed, kind)
 
 
+def test_cropped_labels_equal_full_decode_then_crop():
+    """load_sample decodes only the crop's window of each map; what it returns must equal the plain
+    way: decode the whole map, gather the crop's nearest pixels, flip, convert."""
+    rng = np.random.default_rng(0)
+    H, W = 90, 130
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (H, W, 3)).astype(np.uint8)).save(buf, format="PNG")
+    kinds = {"seg": ["seg"], "depth": ["depth"], "normal": ["normal", "normal_conf"]}
+    for lH, lW in [(45, 65), (90, 130), (17, 23)]:
+        v = rng.normal(size=(lH, lW, 3))
+        maps = {"seg": rng.integers(0, 81, (lH, lW)).astype(np.uint8),  # noise: any misplaced pixel shows
+                "depth": rng.random((lH, lW)).astype(np.float32) * 50,
+                "normal": v / np.linalg.norm(v, axis=-1, keepdims=True),
+                "normal_conf": rng.random((lH, lW)).astype(np.float32)}
+        enc = L.encode_sample("k", maps, (H, W))
+        rec = {"key": "k", "img": buf.getvalue(), "txt": b"noise",
+               "labels": {t: {L.split_member_name(n)[1]: b for n, b in m.items()} for t, m in enc.items()}}
+        full = {k: L.decode_codes(enc[L.task_of(k)][L.member_name("k", k)]) for k in maps}
+        for seed in range(12):
+            h, w, lh, lw = [(64, 96, 32, 48), (32, 32, 16, 16), (128, 96, 64, 48)][seed % 3]
+            for as_codes in (False, True):
+                got = D.load_sample(rec, h, w, lh, lw, random.Random(seed), kinds, crop_scale=(0.2, 1.0),
+                                    hflip=0.5, as_codes=as_codes)
+                r = random.Random(seed)  # load_sample's draws, in its order
+                box = D.rrc_box(H, W, h, w, (0.2, 1.0), (0.75, 4 / 3), r)
+                flip = r.random() < 0.5
+                rows = D.nearest_index(box[1] * lH / H, box[3] * lH / H, lh, lH)
+                cols = D.nearest_index(box[0] * lW / W, box[2] * lW / W, lw, lW, reverse=flip)
+                for kind, (header, codes) in full.items():
+                    y = codes[rows][:, cols]
+                    if kind == "normal" and flip:
+                        y = y ^ np.uint16(255)
+                    want = y if as_codes and kind != "seg" else L.values_from_codes(header, y)
+                    assert got[kind].dtype == want.dtype and np.array_equal(got[kind], want), (lH, seed, kind)
+        # the same through preallocated batch slots (what make_batch does)
+        slot = {"image": np.empty((32, 48, 3), np.uint8), "seg": np.empty((16, 24), np.uint8),
+                "depth": np.empty((16, 24), np.uint16), "normal": np.empty((16, 24), np.uint16),
+                "normal_conf": np.empty((16, 24), np.uint16)}
+        for seed in range(6):
+            want = D.load_sample(rec, 32, 48, 16, 24, random.Random(seed), kinds, as_codes=True)
+            got = D.load_sample(rec, 32, 48, 16, 24, random.Random(seed), kinds, out=slot, as_codes=True)
+            for kind in maps:
+                assert got[kind] is slot[kind] and np.array_equal(slot[kind], want[kind]), (seed, kind)
+
+
 def test_label_for_another_image_is_rejected():
     rec = _record()
     other = _record(H=220, W=300)   # labels claim another image size

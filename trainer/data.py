@@ -352,31 +352,46 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
         np.copyto(out["image"], image)
         image = out["image"]
     res["image"] = image
-    crop_index: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # per label resolution
+    # per label resolution: the window of the map the crop reads, and the nearest-neighbour indices
+    # into it (every map of the sample at that resolution shares them)
+    geometry: dict[tuple[int, int], tuple[slice, slice, np.ndarray, np.ndarray]] = {}
     for task, members in rec["labels"].items():
         for kind in kinds[task]:
             try:
-                header, codes = L.decode_codes(members[kind])
+                header, payload = L.read_header(members[kind])
             except L.LabelFormatError:
                 raise SampleError(f"bad_{task}") from None
             if header["kind"] != kind or tuple(header.get("image_size", ())) != (H, W):
                 raise SampleError(f"bad_{task}")  # a label made for another image
-            lH, lW = codes.shape[:2]
-            if (lH, lW) not in crop_index:
+            lH, lW = (int(n) for n in header["shape"])
+            g = geometry.get((lH, lW))
+            if g is None:
                 sx, sy = lW / W, lH / H  # the crop box in this label's pixels
-                crop_index[lH, lW] = (nearest_index(box[1] * sy, box[3] * sy, lh, lH),
-                                      nearest_index(box[0] * sx, box[2] * sx, lw, lW, reverse=flip))
-            rows, cols = crop_index[lH, lW]
-            # crop the stored codes, then convert only the kept pixels (nearest commutes with it)
-            y = codes.take(rows, axis=0).take(cols, axis=1)
+                rows = nearest_index(box[1] * sy, box[3] * sy, lh, lH)
+                cols = nearest_index(box[0] * sx, box[2] * sx, lw, lW, reverse=flip)
+                r0, c0 = int(rows[0]), int(cols.min())  # rows ascend; cols may be reversed
+                g = geometry[lH, lW] = (slice(r0, int(rows[-1]) + 1), slice(c0, int(cols.max()) + 1),
+                                        rows - r0, cols - c0)
+            win_rows, win_cols, rows, cols = g
+            try:
+                # crop the stored codes, then convert only the kept pixels (nearest commutes with it)
+                codes = L.decode_payload(header, payload, win_rows, win_cols)
+            except L.LabelFormatError:
+                raise SampleError(f"bad_{task}") from None
+            codec = header["codec"]
+            keep_codes = as_codes or codec == "u8"
+            slot = out[kind] if out is not None and keep_codes and out[kind].dtype == codes.dtype else None
+            # indices are inside the window by construction: "clip" lets take write straight into the
+            # batch slot (the default mode buffers its output)
+            y = codes.take(rows, axis=0, mode="clip").take(cols, axis=1, out=slot, mode="clip")
             if kind == "normal" and flip:
                 y ^= np.uint16(255)  # mirrored image: u -> 255 - u is the octahedral code of (-x, y, z)
-            if as_codes and header["codec"] != "u8":
-                if header["codec"].startswith("u16q"):
+            if keep_codes:
+                if codec.startswith("u16q"):
                     res[f"{kind}_lo"], res[f"{kind}_scale"] = L.quantisation(header)
             else:
                 y = L.values_from_codes(header, y)
-            if out is not None:
+            if out is not None and y is not out[kind]:
                 np.copyto(out[kind], y)
                 y = out[kind]
             res[kind] = y
