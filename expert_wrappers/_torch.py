@@ -13,6 +13,33 @@ from .base import Expert
 DEFAULT_SEED = 0
 
 
+def output_sizes(images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    """Each image's output map size: ``sizes`` (the label resolution the worker asks for) or the
+    image's own size."""
+    if sizes is None:
+        return [tuple(im.shape[:2]) for im in images]
+    sizes = [tuple(int(v) for v in s) for s in sizes]
+    if len(sizes) != len(images) or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise ValueError(f"sizes must be one (H, W) per image, got {sizes!r} for {len(images)} images")
+    return sizes
+
+
+def resize_on_device(kind: str, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """A (H, W) map to ``hw`` where it was computed, as ``pipeline.labels.resize_map`` does on the
+    host: class ids nearest (pixel centres, like PIL), continuous maps area-averaged when shrinking
+    and bilinear when enlarging."""
+    if tuple(t.shape[-2:]) == tuple(hw):
+        return t
+    import torch.nn.functional as F
+
+    if kind == "seg":
+        return F.interpolate(t[None, None], size=hw, mode="nearest-exact")[0, 0]
+    shrink = hw[0] <= t.shape[-2]
+    mode = "area" if shrink else "bilinear"
+    return F.interpolate(t[None, None].float(), size=hw, mode=mode,
+                         **({} if shrink else {"align_corners": False}))[0, 0]
+
+
 def check_images(images: Sequence[np.ndarray]) -> None:
     for i, img in enumerate(images):
         if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
@@ -67,6 +94,10 @@ class TorchExpert(Expert):
         self.amp_dtype = None
         if self.on_cuda:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # On a GPU the label codes are computed where the maps are (pipeline.labels_torch): the host
+        # then only compresses and writes, and a map crosses the bus as uint16, not float32 (x3 for
+        # normals). On a CPU the worker's encode pool does the same work off the expert's thread.
+        self.device_codes = self.on_cuda
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.eval().requires_grad_(False).to(self.device)
@@ -87,6 +118,14 @@ class TorchExpert(Expert):
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
         return t.to(self.device, non_blocking=True)
 
+    def emit(self, kind: str, t: torch.Tensor):
+        """One output map: ``labels.Codes`` when ``device_codes`` is on, else a host numpy array."""
+        if self.device_codes:
+            from pipeline import labels_torch
+
+            return labels_torch.to_codes(kind, t)
+        return t.cpu().numpy()
+
     def channels_last(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.on_cuda else x.contiguous()
 
@@ -94,4 +133,5 @@ class TorchExpert(Expert):
         d = super().describe()
         d["device"] = str(self.device)
         d["precision"] = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32"
+        d["device_codes"] = self.device_codes
         return d

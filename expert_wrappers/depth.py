@@ -7,7 +7,8 @@ Preprocessing follows the original DPT ``run_monodepth`` rather than the hub's p
 (which squashes every image to 384x384): keep the aspect ratio and scale "as little as possible"
 so that one side reaches 384, both sides rounded to a multiple of 32 — for any image at least 384
 px on both sides that is "short side 384". Bicubic, /255, mean = std = 0.5. The prediction is
-resized back to the image bicubically, as the original does, and clamped at 0 because bicubic
+resized bicubically, as the original does, straight to the size the caller asks for (the label
+resolution in the pipeline, the image's size by default), and clamped at 0 because bicubic
 overshoot would otherwise create small negative inverse depths.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as W
-from ._torch import TorchExpert, check_images, seeded, shape_groups
+from ._torch import TorchExpert, check_images, output_sizes, seeded, shape_groups
 
 DEFAULT_CHECKPOINT = "Intel/dpt-large"
 CHECKPOINTS = ("Intel/dpt-large", "Intel/dpt-hybrid-midas")
@@ -138,19 +139,19 @@ class DPTExpert(TorchExpert):
         with self.autocast():
             return dpt_forward(self.model, x).float()
 
-    def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
         check_images(images)
-        out: list[dict[str, np.ndarray] | None] = [None] * len(images)
-        shapes = [dpt_input_size(*im.shape[:2], self.net_size) + im.shape[:2] for im in images]
+        out_hw = output_sizes(images, sizes)
+        out: list[dict | None] = [None] * len(images)
+        shapes = [dpt_input_size(*im.shape[:2], self.net_size) + hw for im, hw in zip(images, out_hw)]
         with torch.inference_mode():
             # equal input *and* output shapes share a batch, so the resize back is one call too
             for idx in shape_groups(shapes, self.max_batch):
                 pred = self.forward(self.preprocess(images, idx))
-                hw = images[idx[0]].shape[:2]
-                pred = F.interpolate(pred[:, None], size=hw, mode="bicubic", align_corners=False)[:, 0]
-                pred = pred.clamp_(min=0).cpu().numpy()
+                pred = F.interpolate(pred[:, None], size=out_hw[idx[0]], mode="bicubic", align_corners=False)[:, 0]
+                pred = pred.clamp_(min=0)
                 for j, i in enumerate(idx):
-                    out[i] = {"depth": pred[j]}
+                    out[i] = {"depth": self.emit("depth", pred[j])}
         return out  # type: ignore[return-value]
 
     def describe(self) -> dict:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as W
-from ._torch import TorchExpert, check_images, multiple_of, seeded, shape_groups
+from ._torch import TorchExpert, check_images, multiple_of, output_sizes, seeded, shape_groups
 from .nll_angmf import NNET, official_state_dict
 
 NORMAL_CONVENTION = """\
@@ -119,16 +119,16 @@ class NormalExpert(TorchExpert):
         n = n.mul_(torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min_(1e-6).reciprocal_())
         return n, out[:, 3].contiguous()
 
-    def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
         check_images(images)
-        res: list[dict[str, np.ndarray] | None] = [None] * len(images)
-        shapes = [nll_input_size(*im.shape[:2], self.target_pixels) + im.shape[:2] for im in images]
+        out_hw = output_sizes(images, sizes)
+        res: list[dict | None] = [None] * len(images)
+        shapes = [nll_input_size(*im.shape[:2], self.target_pixels) + hw for im, hw in zip(images, out_hw)]
         with torch.inference_mode():
             for idx in shape_groups(shapes, self.max_batch):
-                n, k = self.postprocess(self.forward(self.preprocess(images, idx)), images[idx[0]].shape[:2])
-                n, k = n.cpu().numpy(), k.cpu().numpy()
+                n, k = self.postprocess(self.forward(self.preprocess(images, idx)), out_hw[idx[0]])
                 for j, i in enumerate(idx):
-                    res[i] = {"normal": n[j], "normal_conf": k[j]}
+                    res[i] = {"normal": self.emit("normal", n[j]), "normal_conf": self.emit("normal_conf", k[j])}
         return res  # type: ignore[return-value]
 
     def describe(self) -> dict:

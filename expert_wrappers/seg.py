@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as W
-from ._torch import TorchExpert, check_images, chunks, seeded
+from ._torch import TorchExpert, check_images, chunks, output_sizes, resize_on_device, seeded
 from .base import MissingDependencyError
 from .panoptic import Detections, from_detectron2, from_torchvision, instances_to_semantic
 
@@ -231,13 +231,14 @@ class MaskRCNNExpert(TorchExpert):
             outs = self.model(inputs)
         return [from_detectron2(o["instances"]) for o in outs]
 
-    def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
         check_images(images)
-        results: list[dict[str, np.ndarray]] = []
+        out_hw = output_sizes(images, sizes)
+        results: list[dict] = []
         with torch.inference_mode():
             for idx in chunks(len(images), self.max_batch):
                 batch = [images[i] for i in idx]
-                for im, det in zip(batch, self.detect(batch)):
+                for i, im, det in zip(idx, batch, self.detect(batch)):
                     if self.sam is not None:
                         det = self.sam.refine(im, det)
                     painted: list[int] = []
@@ -245,9 +246,10 @@ class MaskRCNNExpert(TorchExpert):
                         det, im.shape[:2], score_threshold=self.score_threshold,
                         overlap_threshold=self.overlap_threshold, ignore_threshold=self.ignore_threshold,
                         confidence=self.confidence, painted=painted)
-                    out = {"seg": seg.cpu().numpy(), "instance_classes": np.array(painted, np.int64)}
+                    out = {"seg": self.emit("seg", resize_on_device("seg", seg, out_hw[i])),
+                           "instance_classes": np.array(painted, np.int64)}
                     if conf is not None:
-                        out["seg_conf"] = conf.cpu().numpy()
+                        out["seg_conf"] = self.emit("seg_conf", resize_on_device("seg_conf", conf, out_hw[i]))
                     results.append(out)
         return results
 

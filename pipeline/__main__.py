@@ -64,9 +64,11 @@ def parser() -> argparse.ArgumentParser:
                     help="Ray logical CPUs per actor (default: 1 with GPUs; 0.5 or less CPU-only)")
     ap.add_argument("--threads-per-worker", type=int, default=0,
                     help="torch threads per worker (default: CPUs / workers; 1 per GPU worker)")
-    ap.add_argument("--decode-threads", type=int, default=2)
-    ap.add_argument("--encode-threads", type=int, default=2)
+    ap.add_argument("--decode-threads", type=int, default=2, help="JPEG decode threads per worker (0: inline)")
+    ap.add_argument("--encode-threads", type=int, default=2, help="label encode threads per worker (0: inline)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--device-codes", choices=("auto", "on", "off"), default="auto",
+                    help="convert maps to label codes on the experts' device (auto: on for CUDA)")
     ap.add_argument("--expert-option", action="append", default=[], metavar="TASK.KEY=VALUE",
                     help="expert option, e.g. seg.score_threshold=0.4 or depth.checkpoint="
                     "Intel/dpt-hybrid-midas (see expert_wrappers.build_expert); repeatable")
@@ -108,6 +110,7 @@ def main(argv=None) -> int:
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; known: {list(labels.TASKS)}")
         cfg = WorkerConfig(tasks=tasks, profile=args.profile, device=args.device,
+                           device_codes={"auto": None, "on": True, "off": False}[args.device_codes],
                            options=_weights(args.weights, _options(args.expert_option)),
                            label_scale=args.label_scale,
                            batch_size=args.batch_size, decode_threads=args.decode_threads,

@@ -42,7 +42,7 @@ from pipeline.worker import (STATS_VERSION, ShardWorker, WorkerConfig, build_exp
 
 MANIFEST_JSON = "_manifest.json"
 MANIFEST_PARQUET = "_manifest.parquet"
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: experts resize to the label resolution on their device
 
 
 class JobError(RuntimeError):
@@ -77,14 +77,14 @@ class JobSpec:
 
 def fingerprint(cfg: WorkerConfig, experts: dict) -> str:
     """What makes two runs' labels the same: format, experts (their description as built on the
-    driver, minus device/precision) and weights, label settings. Throughput knobs (workers, batch
+    driver, minus device, precision and device_codes: per-device last-bit knobs) and weights, label settings. Throughput knobs (workers, batch
     size, threads) and the experts' code are not part of it."""
     checkpoints = _checkpoints(experts)
     doc = {"pipeline_version": PIPELINE_VERSION, "format_version": labels.FORMAT_VERSION,
            "stats_version": STATS_VERSION, "tasks": list(cfg.tasks), "profile": cfg.profile, "factory": cfg.factory,
            "options": cfg.options, "label_scale": cfg.label_scale, "max_pixels": cfg.max_pixels,
            "checkpoints": dict(sorted(checkpoints.items()))}
-    doc["experts"] = {t: {k: v for k, v in d.items() if k not in ("device", "precision")}
+    doc["experts"] = {t: {k: v for k, v in d.items() if k not in ("device", "precision", "device_codes")}
                       for t, d in experts.items()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

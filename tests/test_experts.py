@@ -509,7 +509,7 @@ def test_normal_expert_outputs_our_convention_on_a_synthetic_scene():
 def test_null_experts_return_constant_maps_of_the_right_kind(task, kinds, images):
     from pipeline import labels
 
-    expert = build_expert(task, "null", weights="/not/used", variant="GN")
+    expert = build_expert(task, "null", weights="/not/used", variant="GN", device_codes=False)
     outs = expert.predict(images)
     for img, out in zip(images, outs):
         assert set(out) == kinds
@@ -519,6 +519,30 @@ def test_null_experts_return_constant_maps_of_the_right_kind(task, kinds, images
             labels.encode(kind, arr)  # accepted by the label format
     if task == "normal":
         assert np.allclose(outs[0]["normal"], [0, 0, -1])
+
+
+def test_experts_resize_to_the_asked_size_and_convert_on_their_device(smoke, images):
+    """``sizes`` gives maps at the label resolution; ``device_codes`` turns them into the stored codes
+    on the expert's device, the same bytes the host encoder makes of the float maps."""
+    from pipeline import labels
+
+    sizes = [labels.label_shape(im.shape[:2], 0.5) for im in images]
+    for task, expert in smoke.items():
+        maps = expert.predict(images, sizes)
+        expert.device_codes = True
+        try:
+            codes = expert.predict(images, sizes)
+        finally:
+            expert.device_codes = False
+        for m, c, hw in zip(maps, codes, sizes):
+            assert set(m) == set(c)
+            for kind, arr in m.items():
+                if kind == "instance_classes":
+                    np.testing.assert_array_equal(c[kind], arr)
+                    continue
+                assert arr.shape[:2] == hw, (task, kind)
+                assert isinstance(c[kind], labels.Codes) and c[kind].shape == hw
+                assert labels.pack(c[kind]) == labels.encode(kind, arr), (task, kind)
 
 
 def test_build_rejects_unknown_tasks_profiles_and_misplaced_options():

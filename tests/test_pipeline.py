@@ -140,6 +140,43 @@ def test_process_shard_is_deterministic_and_rewrites_atomically(sample_dir, smok
     assert not list((b / "seg").glob(".*"))
 
 
+@pytest.mark.timeout(300)
+def test_device_codes_and_host_encoding_write_the_same_bytes(sample_dir, smoke_experts, tmp_path):
+    """On a CPU the device conversion (pipeline.labels_torch) is bit-identical to the host's, so a
+    worker's output does not depend on where the codes were computed."""
+    shard = small_shard(sorted(sample_dir.glob("*.tar"))[0], tmp_path / "src" / "00000.tar", 3)
+    host, device = tmp_path / "host", tmp_path / "device"
+    process_shard(shard, host, smoke_experts, _cfg(batch_size=3))
+    for e in smoke_experts.values():
+        e.device_codes = True
+    try:
+        process_shard(shard, device, smoke_experts, _cfg(batch_size=3))
+    finally:
+        for e in smoke_experts.values():
+            e.device_codes = False
+    a = tree_files(host)
+    assert len(a) == len(labels.TASKS) and a == tree_files(device)
+
+
+@pytest.mark.timeout(120)
+def test_codes_at_the_wrong_size_are_a_recorded_skip(sample_dir, null_experts, tmp_path):
+    from expert_wrappers.null import constant_codes
+
+    class WrongSize:
+        task, name, checkpoints = "depth", "wrong-size", {}
+
+        def predict(self, images, sizes=None):
+            return [{"depth": constant_codes("depth", (h + 1, w))} for h, w in sizes]
+
+        def describe(self):
+            return {"name": self.name}
+
+    shard = small_shard(sorted(sample_dir.glob("*.tar"))[0], tmp_path / "src" / "00000.tar", 2)
+    stats = process_shard(shard, tmp_path / "out", {**null_experts, "depth": WrongSize()}, _cfg())
+    assert stats["ok"] == 0 and stats["skip_reasons"] == {"label_encode_error": 2}
+    assert "label resolution" in stats["skips"][0]["detail"]
+
+
 def _damaged_dir(sample_dir: Path, root: Path) -> dict[str, list[str]]:
     """Shards with a truncated tar, corrupt/truncated JPEGs, a missing caption and an empty file.
     Returns the keys expected to be labelled per shard."""
@@ -190,10 +227,10 @@ class _FailOn:
         self.inner, self.bad_hw = inner, bad_hw
         self.task, self.name, self.checkpoints = inner.task, inner.name, inner.checkpoints
 
-    def predict(self, images):
+    def predict(self, images, sizes=None):
         if any(im.shape[:2] == self.bad_hw for im in images):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return self.inner.predict(images)
+        return self.inner.predict(images, sizes)
 
     def describe(self):
         return self.inner.describe()
@@ -339,3 +376,15 @@ def test_instance_histogram_counts_objects_not_fragments():
     _, hist = encode_maps("k", maps, (50, 50), ("seg",), 1.0)
     assert hist["instances"][3] == 3 and hist["instances"][7] == 1
     assert hist["pixels"][3] == 64 + 100 + 1 and hist["pixels"][labels.SEG_IGNORE] == 6
+
+
+def test_worker_keeps_freed_memory_for_reuse():
+    """glibc's mallopt is reachable (Linux): Ray workers then stop page-faulting every decoded image
+    in again (the effect is measured by the P2 benchmark, not here)."""
+    import platform
+
+    from pipeline.worker import keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert keep_freed_memory() is True
