@@ -221,6 +221,30 @@ def test_cropped_labels_equal_full_decode_then_crop():
                 assert got[kind] is slot[kind] and np.array_equal(slot[kind], want[kind]), (seed, kind)
 
 
+def test_loader_batch_is_one_block_equal_to_the_in_process_batch(sample_dir, smoke_labels):
+    """Through a DataLoader worker the batch's arrays arrive as views of one shared block (one
+    storage to hand over, not one per array) and hold exactly what the stream makes in-process."""
+    cfg = params.load_config("default", overrides=["data.batch_size=4", "data.shuffle_buffer=8",
+                                                   "data.shuffle_initial=4"])
+    _, shards, _, _ = D.resolve_shards(str(sample_dir))
+    tasks = ["seg", "depth", "normal"]
+    shards, label_tars, _ = D.label_files(Path(smoke_labels), tasks, shards)
+
+    def stream():
+        return D.TrainStream(shards, label_tars, tasks, cfg.data, seed=0, rank=0, world_size=1, num_streams=1)
+
+    direct, loader = iter(stream()), iter(D.make_loader(stream(), num_workers=1, pin_memory=False))
+    arrays = ["image", "seg", "depth", "normal", "depth_lo", "depth_scale"]
+    for _ in range(3):
+        a, b = next(direct), next(loader)
+        assert a["step"] == b["step"] and torch.equal(a["text"], b["text"])
+        for k in arrays:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k].numpy(), b[k].numpy()), k
+        assert b["seg"].shape[1:] == b["depth"].shape[1:] == b["normal"].shape[1:]
+        assert len({b[k].untyped_storage().data_ptr() for k in arrays}) == 1
+    del loader
+
+
 def test_label_for_another_image_is_rejected():
     rec = _record()
     other = _record(H=220, W=300)   # labels claim another image size
