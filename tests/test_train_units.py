@@ -176,6 +176,20 @@ def test_wire_codes_give_the_same_values_on_the_device():
             assert torch.equal(got[kind][0], torch.from_numpy(np.ascontiguousarray(values[kind]))), (seed, kind)
 
 
+def test_nearest_index_is_floor_of_the_pixel_centres():
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        n_in, n_out = int(rng.integers(1, 600)), int(rng.integers(1, 600))
+        lo = float(rng.uniform(-3, n_in)) if rng.random() < 0.2 else float(rng.uniform(0, n_in))
+        hi = lo + float(rng.uniform(0, 1.3 * n_in))
+        if rng.random() < 0.2:  # exact pixel edges, where rounding decides
+            lo, hi = float(int(lo)), float(int(hi) + 1)
+        want = np.clip(np.floor(lo + (np.arange(n_out) + 0.5) * ((hi - lo) / n_out)).astype(np.intp), 0, n_in - 1)
+        flip = bool(rng.random() < 0.5)
+        got = D.nearest_index(lo, hi, n_out, n_in, reverse=flip)
+        assert got.dtype == np.intp and np.array_equal(got, want[::-1] if flip else want), (lo, hi, n_out, n_in)
+
+
 def test_cropped_labels_equal_full_decode_then_crop():
     """load_sample decodes only the crop's window of each map; what it returns must equal the plain
     way: decode the whole map, gather the crop's nearest pixels, flip, convert."""

@@ -313,9 +313,20 @@ def rrc_box(H: int, W: int, out_h: int, out_w: int, scale, ratio, rng: random.Ra
 def nearest_index(lo: float, hi: float, n_out: int, n_in: int, reverse: bool = False) -> np.ndarray:
     """Source indices of a nearest-neighbour resample of [lo, hi) to ``n_out`` samples (PIL's NEAREST
     rule: the pixel under each output pixel's centre), optionally reversed (a horizontal flip)."""
-    idx = np.floor(lo + (np.arange(n_out) + 0.5) * ((hi - lo) / n_out)).astype(np.intp)
-    np.clip(idx, 0, n_in - 1, out=idx)
+    pos = _centres(n_out) * ((hi - lo) / n_out)
+    pos += lo
+    # truncation equals floor for positions >= 0, and anything below 0 becomes 0 either way
+    idx = pos.astype(np.intp)
+    np.maximum(idx, 0, out=idx)
+    np.minimum(idx, n_in - 1, out=idx)
     return idx[::-1] if reverse else idx
+
+
+@functools.lru_cache(maxsize=64)
+def _centres(n: int) -> np.ndarray:
+    c = np.arange(n) + 0.5
+    c.flags.writeable = False
+    return c
 
 
 def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random, kinds: dict,
@@ -354,7 +365,7 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
     res["image"] = image
     # per label resolution: the window of the map the crop reads, and the nearest-neighbour indices
     # into it (every map of the sample at that resolution shares them)
-    geometry: dict[tuple[int, int], tuple[slice, slice, np.ndarray, np.ndarray]] = {}
+    geometry: dict[tuple[int, int], tuple[slice, slice, np.ndarray, np.ndarray, bool]] = {}
     for task, members in rec["labels"].items():
         for kind in kinds[task]:
             try:
@@ -369,10 +380,12 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
                 sx, sy = lW / W, lH / H  # the crop box in this label's pixels
                 rows = nearest_index(box[1] * sy, box[3] * sy, lh, lH)
                 cols = nearest_index(box[0] * sx, box[2] * sx, lw, lW, reverse=flip)
-                r0, c0 = int(rows[0]), int(cols.min())  # rows ascend; cols may be reversed
-                g = geometry[lH, lW] = (slice(r0, int(rows[-1]) + 1), slice(c0, int(cols.max()) + 1),
-                                        rows - r0, cols - c0)
-            win_rows, win_cols, rows, cols = g
+                r0, r1 = int(rows[0]), int(rows[-1]) + 1  # rows ascend; cols may be reversed
+                c0, c1 = sorted((int(cols[0]), int(cols[-1])))
+                # the element-wise column gather costs most: run it on the fewer rows (the window's
+                # when the crop is upsampled), and copy whole rows in the other gather
+                g = geometry[lH, lW] = (slice(r0, r1), slice(c0, c1 + 1), rows - r0, cols - c0, r1 - r0 < lh)
+            win_rows, win_cols, rows, cols, cols_first = g
             try:
                 # crop the stored codes, then convert only the kept pixels (nearest commutes with it)
                 codes = L.decode_payload(header, payload, win_rows, win_cols)
@@ -383,7 +396,10 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
             slot = out[kind] if out is not None and keep_codes and out[kind].dtype == codes.dtype else None
             # indices are inside the window by construction: "clip" lets take write straight into the
             # batch slot (the default mode buffers its output)
-            y = codes.take(rows, axis=0, mode="clip").take(cols, axis=1, out=slot, mode="clip")
+            if cols_first:
+                y = codes.take(cols, axis=1, mode="clip").take(rows, axis=0, out=slot, mode="clip")
+            else:
+                y = codes.take(rows, axis=0, mode="clip").take(cols, axis=1, out=slot, mode="clip")
             if kind == "normal" and flip:
                 y ^= np.uint16(255)  # mirrored image: u -> 255 - u is the octahedral code of (-x, y, z)
             if keep_codes:
