@@ -431,7 +431,12 @@ def _one_block(specs: dict[str, tuple[tuple[int, ...], type]]) -> tuple[dict[str
     for name, (shape, dtype) in specs.items():
         offsets[name] = total
         total += -(-math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64  # aligned for any view dtype
-    block = torch.empty(total, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        # in a DataLoader worker, straight into shared memory (as torch's default_collate does): the
+        # samples fault its pages in once, and handing it over copies nothing
+        block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+    else:
+        block = torch.empty(total, dtype=torch.uint8)
     memory = block.numpy()
     tensors, arrays = {}, {}
     for name, (shape, dtype) in specs.items():
