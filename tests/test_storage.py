@@ -153,6 +153,8 @@ def test_missing_backend_is_a_storage_error():
         pass
     else:
         pytest.skip("gcsfs is installed here: its absence cannot be shown")
+    with pytest.raises(StorageError, match=r"gcsfs \(pip install 'cliptex\[gcs\]'\)"):
+        storage.listdir("gs://some-bucket/cc3m")
     with pytest.raises(StorageError, match="gcsfs"):
         storage.check_readable("gs://some-bucket/cc3m")
 
