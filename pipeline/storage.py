@@ -338,8 +338,8 @@ def remove(location: str, missing_ok: bool = True) -> None:
             os.unlink(location)
         else:
             fs, path = filesystem(location)
-            if missing_ok and not fs.exists(path):
-                return
+            if not missing_ok and not fs.exists(path):  # deleting a missing S3 key succeeds silently
+                raise FileNotFoundError(redact(location))
             fs.rm_file(path)
     except FileNotFoundError:
         if not missing_ok:

@@ -15,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ DOCKERFILE = DOCKER / "Dockerfile"
 
 
 def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 

@@ -227,6 +227,9 @@ def test_s3_writes_are_whole_and_interruptions_leave_nothing(s3_server, s3_bucke
     assert _uploads(s3_server, s3_bucket) == []
     storage.remove(f"{s3_bucket}/labels/_stats/00000.json")
     assert _keys(s3_server, s3_bucket) == ["labels/seg/00000.tar"]
+    storage.remove(f"{s3_bucket}/labels/_stats/00000.json")  # missing_ok
+    with pytest.raises(FileNotFoundError):
+        storage.remove(f"{s3_bucket}/labels/_stats/00000.json", missing_ok=False)
 
 
 @pytest.mark.timeout(180)
