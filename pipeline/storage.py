@@ -146,7 +146,7 @@ def filesystem(location: str):
     except ImportError as e:
         s = scheme(location)
         need = BACKENDS.get(s, f"the fsspec backend for {s}://")
-        raise StorageError(f"{redact(location)}: reading {s}:// needs {need}") from e
+        raise StorageError(f"{redact(location)}: {s}:// locations need {need}") from e
     except ValueError as e:
         raise StorageError(f"{redact(location)}: {e}") from e
 

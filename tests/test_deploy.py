@@ -392,3 +392,15 @@ def test_object_store_output_is_refused_until_wired(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --out s3://my-bucket/labels: object-store output is not supported yet")
     assert "secret" not in err
+
+
+def test_object_store_shards_are_refused_until_wired(tmp_path, monkeypatch, capsys):
+    from pipeline.__main__ import main
+
+    manifest = tmp_path / "bucket.yaml"
+    manifest.write_text("name: bucket\nroot: data/none\nroot_env: CLIPTEX_TEST_ROOT\n"
+                        "shards: \"{00000..00001}.tar\"\noutput: data/labels/none\n")
+    monkeypatch.setenv("CLIPTEX_TEST_ROOT", "s3://my-bucket/cc3m")
+    assert main(["--shards", str(manifest), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {manifest}: root s3://my-bucket/cc3m is an object-store URL")
