@@ -200,7 +200,8 @@ def test_ray_cluster_yaml_is_valid_for_ray_up():
 
     types = cfg["available_node_types"]
     workers = [t for t in types if t != cfg["head_node_type"]]
-    assert workers and all(types[t]["max_workers"] >= 1 for t in workers)
+    # the job sizes its pool from the cluster it finds at start: worker groups have a fixed size
+    assert workers and all(types[t]["min_workers"] == types[t]["max_workers"] >= 1 for t in workers)
     assert "GPU" not in types[cfg["head_node_type"]]["resources"]
     # the weights cache is a volume at the image's CLIPTEX_WEIGHTS_DIR
     assert any(opt.startswith("-v ") and opt.endswith(":/weights") for opt in cfg["docker"]["run_options"])
