@@ -11,18 +11,22 @@ NPROC ?= 2
 TSV ?=
 TASKS ?=
 RUN ?=
+# extras installed into .venv (the image uses EXTRAS=cluster: object stores and Ray's job server)
+EXTRAS ?= test
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= cliptex:$(VERSION)
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: help install sample test pseudolabel train preview bench download clean
+.PHONY: help install sample test pseudolabel train preview bench download docker clean
 
 help:
-	@echo 'targets: install sample test pseudolabel train preview bench download clean'
+	@echo 'targets: install sample test pseudolabel train preview bench download docker clean'
 	@echo 'e.g. make pseudolabel SHARDS=sample PROFILE=smoke; make train SHARDS=sample PROFILE=smoke STEPS=50'
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml (they only import as a pair)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -52,6 +56,11 @@ bench: install sample
 
 download: install
 	$(PY) -m pipeline.download --shards $(SHARDS) --tsv "$(TSV)"
+
+# the cluster image (needs a Docker engine; push it where your cluster pulls from, then name
+# that image in docker/*.yaml)
+docker:
+	docker build -f docker/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf data/labels runs bench/results.json

@@ -2,6 +2,7 @@
 
     python -m pipeline --shards sample --profile smoke [--out data/labels/sample]
     RAY_ADDRESS=ray://head:10001 python -m pipeline --shards cc3m       # an existing cluster
+    python -m pipeline --shards cc3m --dry-run     # the plan only: no Ray, nothing written
 
 Reruns resume: only shards without a complete, checksum-verified output are processed.
 Exit codes: 0 done; 1 shards failed after retries; 2 bad manifest / missing weights / settings;
@@ -79,10 +80,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify", choices=("sha256", "size"), default="sha256",
                     help="how finished shards are checked before being skipped")
     ap.add_argument("--max-attempts", type=int, default=3, help="attempts per shard")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the experts and list complete shards and the ones that would run; "
+                    "starts no Ray and writes nothing")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="Ray worker logs and resume reasons")
     ap.add_argument("--sample-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # test hook
     return ap
+
+
+def _print_plan(p: dict, name: str) -> None:
+    for stem in p["shards"]:
+        print(f"  {stem}  " + ("complete" if stem in p["complete"] else f"would run ({p['why'][stem]})"))
+    print(f"dry run {name}: {len(p['shards'])} shards, {len(p['complete'])} complete, {len(p['todo'])} "
+          f"would run -> {p['out']} (config {p['fingerprint']}); Ray not started, nothing written")
 
 
 def _sigterm(signum, frame):
@@ -92,7 +103,8 @@ def _sigterm(signum, frame):
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from expert_wrappers.base import MissingWeightsError
-    from pipeline.job import JobConfigError, JobError, JobSpec, run
+    from pipeline import storage
+    from pipeline.job import JobConfigError, JobError, JobSpec, dry_run, run
     from pipeline.manifest import ManifestError, load_manifest
     from pipeline.worker import WorkerConfig
 
@@ -104,6 +116,9 @@ def main(argv=None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm) if in_main else None
     try:
+        if args.out and not storage.is_local(args.out):  # until the job writes through pipeline.storage
+            raise ValueError(f"--out {storage.redact(args.out)}: object-store output is not supported yet "
+                             f"(docs/STORAGE.md); use a path on a shared filesystem")
         shard_set = load_manifest(args.shards)
         tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         unknown = [t for t in tasks if t not in labels.TASKS]
@@ -116,11 +131,14 @@ def main(argv=None) -> int:
                            batch_size=args.batch_size, decode_threads=args.decode_threads,
                            encode_threads=args.encode_threads, torch_threads=args.threads_per_worker,
                            sample_delay=args.sample_delay)
-        spec = JobSpec(shard_set=shard_set, out=Path(args.out) if args.out else shard_set.output,
+        spec = JobSpec(shard_set=shard_set, out=Path(storage.normalize(args.out)) if args.out else shard_set.output,
                        worker=cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                        cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address,
                        verify=args.verify, max_attempts=args.max_attempts,
                        progress=not args.no_progress, verbose=args.verbose)
+        if args.dry_run:
+            _print_plan(dry_run(spec), shard_set.name)
+            return 0
         summary = run(spec)
     except (ManifestError, MissingWeightsError, MissingDependencyError, JobConfigError, ValueError) as e:
         print("error: " + "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()),

@@ -140,6 +140,18 @@ def plan(shards, out: Path, tasks, fp: str, verify: str = "sha256", threads: int
     return done, todo, why
 
 
+def dry_run(spec: JobSpec) -> dict:
+    """What ``run(spec)`` would do, without doing it: the experts' preflight (as a run starts:
+    missing weights fail here), the config fingerprint, and which shards are complete and which
+    would run, and why. Starts no Ray and writes nothing under ``spec.out``."""
+    experts = preflight(spec.worker)
+    fp = fingerprint(spec.worker, experts)
+    shards = list(spec.shard_set.shards)
+    done, todo, why = plan(shards, Path(spec.out), spec.worker.tasks, fp, spec.verify)
+    return {"shards": [p.stem for p in shards], "complete": sorted(done), "todo": [p.stem for p in todo],
+            "why": why, "fingerprint": fp, "experts": experts, "out": str(spec.out)}
+
+
 # ----------------------------------------------------------------------------------------------
 # experts (preflight) and Ray
 

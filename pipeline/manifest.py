@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 from braceexpand import braceexpand
 
+from pipeline import storage
+
 REQUIRED = {"name", "root", "shards", "output"}
 OPTIONAL = {"root_env", "expected_samples", "description"}
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"
@@ -69,7 +71,11 @@ def load_manifest(name_or_path: str, *, require_shards: bool = True) -> ShardSet
     expected = doc.get("expected_samples")
     if expected is not None and (not isinstance(expected, int) or expected < 0):
         raise ManifestError(f"{path}: expected_samples must be a non-negative integer")
-    root = Path(os.environ.get(doc["root_env"], doc["root"]) if doc.get("root_env") else doc["root"])
+    root_text = os.environ.get(doc["root_env"], doc["root"]) if doc.get("root_env") else doc["root"]
+    if not storage.is_local(root_text):  # until shards are read through pipeline.storage
+        raise ManifestError(f"{path}: root {storage.redact(root_text)} is an object-store URL; reading "
+                            f"shards from a bucket is not supported yet (docs/STORAGE.md)")
+    root = Path(storage.normalize(root_text))
     shards = tuple(root / s for s in braceexpand(doc["shards"]))
     if require_shards:
         present = [p for p in shards if p.is_file()]

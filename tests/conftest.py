@@ -37,3 +37,30 @@ def smoke_labels(sample_dir, tmp_path_factory) -> Path:
                "--threads-per-worker", "1", "--no-progress"])
     assert rc == 0, "the smoke pseudo-label job failed (see stderr)"
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server on 127.0.0.1, random port, own process) for the whole session;
+    the standard AWS variables point at it while it runs. Tests use buckets of their own names."""
+    from tests.s3server import S3Server
+
+    server = S3Server()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in server.env.items():
+                mp.setenv(k, v)
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh, empty bucket for one test: ``s3://<name>``."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    s3_server.client().create_bucket(Bucket=name)
+    return f"s3://{name}"
