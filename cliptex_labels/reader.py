@@ -71,8 +71,8 @@ def join_shard(source: str | os.PathLike, label_tars: Mapping[str, str | os.Path
                max_member_bytes: int | None = None) -> Iterator[Joined | Skip]:
     """Join one source shard with label tars ``{task: path}`` by key, strictly.
 
-    ``kinds[task]``: the kinds required from that tree (default: the task's own map, plus whatever
-    other kinds of it the key has, e.g. ``normal_conf``). Yields in source order a ``Joined`` for every
+    ``kinds[task]``: the kinds required from that tree (default: every kind the tree's tar holds, e.g.
+    ``normal`` and ``normal_conf``). Yields in source order a ``Joined`` for every
     sample that has all of them and a ``Skip`` (key, reason) for every sample that has not; then a
     ``Skip(key, "extra_<task>")`` for every label key no source sample asked for. Shard-level damage
     comes as ``Skip(None, reason)``."""
@@ -93,8 +93,7 @@ def join_shard(source: str | os.PathLike, label_tars: Mapping[str, str | os.Path
                 continue
             labels, problems = {}, []
             for t, tree in trees.items():  # every tree is asked: none of the key's labels is "extra"
-                required = kinds[t] if kinds is not None else (t,)
-                got = tree.take(item.key, required, include_others=kinds is None)
+                got = tree.take(item.key, kinds[t] if kinds is not None else None)
                 if isinstance(got, str):
                     problems.append(f"missing_{t}" if got == "missing" else got)
                     if got == "missing":

@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from .format import LabelFormatError, split_member_name, split_name
+from .format import KINDS, LabelFormatError, split_member_name, split_name
 
 # Tar member bodies are read into memory: refuse anything absurd for an image-text sample.
 MAX_MEMBER_BYTES = 64 << 20
@@ -140,6 +140,13 @@ class LabelIndex:
     foreign: tuple[str, ...]    # members that are not label members (names only)
     damage: str | None          # why the index stops early, if it does
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Every kind the tar holds (in ``format.KINDS`` order): the writer gives every labelled
+        sample of a tree the same kinds, so a key without one of them is incomplete."""
+        present = {k for entry in self.members.values() for k in entry}
+        return tuple(k for k in KINDS if k in present)
+
 
 @functools.lru_cache(maxsize=32)
 def _cached_index(path: str, version: tuple[int, int, int]) -> LabelIndex:
@@ -222,11 +229,10 @@ class LabelTar:
             raise OSError(f"{self.path}: {key}.{kind} is cut short ({len(data)} of {size} bytes)")
         return data
 
-    def take(self, key: str, kinds: Sequence[str] | None = None, include_others: bool = False
-             ) -> dict[str, bytes] | str:
-        """The members of ``key``: the ``kinds`` required (None: every kind it has), plus its other
-        kinds with ``include_others`` — or the reason there are none: ``"missing"``,
-        ``"duplicate_key"`` (taken before), ``"duplicate_label_member"`` or ``"label_read_error"``."""
+    def take(self, key: str, kinds: Sequence[str] | None = None) -> dict[str, bytes] | str:
+        """The members of ``key`` — the ``kinds`` given (default: every kind the tar holds), each
+        required — or the reason there are none: ``"missing"``, ``"duplicate_key"`` (taken
+        before), ``"duplicate_label_member"`` or ``"label_read_error"``."""
         if key in self.taken:
             return "duplicate_key"
         entry = self.index.members.get(key)
@@ -235,11 +241,9 @@ class LabelTar:
         self.taken.add(key)
         if key in self.index.duplicates:
             return "duplicate_label_member"
-        wanted = list(entry) if kinds is None else list(kinds)
+        wanted = self.index.kinds if kinds is None else kinds
         if any(k not in entry for k in wanted):
             return "missing"
-        if include_others:
-            wanted += [k for k in entry if k not in wanted]
         try:
             return {k: self.read(key, k) for k in wanted}
         except OSError:
