@@ -25,7 +25,6 @@ from pipeline.shards import Record, iter_records
 from pipeline.storage import write_tar_atomic
 from pipeline.worker import WorkerConfig, process_shard
 from tests.conftest import REPO
-from tests.test_pipeline import null_experts  # noqa: F401 - a fixture
 from tests.test_shards import jpeg, raw_tar
 
 

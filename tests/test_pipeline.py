@@ -75,14 +75,6 @@ def smoke_experts():
     return build_experts(labels.TASKS, PROFILE, "cpu")
 
 
-@pytest.fixture(scope="module")
-def null_experts():
-    """Zero-cost constant maps: for tests about the data path, not the maps' content."""
-    from pipeline.worker import build_experts
-
-    return build_experts(labels.TASKS, "null", "cpu")
-
-
 def small_shard(src: Path, dst: Path, n: int) -> Path:
     """The first ``n`` samples of a shard, as a new shard."""
     keys = source_keys(src)[:n]

@@ -21,7 +21,7 @@ from pipeline.job import JobSpec, build_manifest, write_manifest
 from pipeline.manifest import ShardSet
 from pipeline.shards import Record, SampleLedger, Skip, iter_records
 from pipeline.worker import WorkerConfig, process_shard
-from tests.test_pipeline import label_keys, null_experts  # noqa: F401 - a fixture
+from tests.test_pipeline import label_keys
 from tests.test_shards import jpeg, png, raw_tar
 
 
@@ -51,28 +51,15 @@ def members(rec: Record, key: str, **replace) -> list[tuple[str, bytes]]:
 
 
 def symlink_tar(path, good):
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in good:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-        link = tarfile.TarInfo("l.jpg")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
-        ti = tarfile.TarInfo("l.txt")
-        ti.size = 1
-        tar.addfile(ti, io.BytesIO(b"x"))
-    return path
+    link = tarfile.TarInfo("l.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    return raw_tar(path, good + [link, ("l.txt", b"x")])
 
 
 def gzip_bomb_tar(path, good):
     """A gzip-compressed tar whose second sample holds a 65 MB member (64 KB on disk)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in good[:3] + [("b.jpg", bytes(65 << 20)), ("b.txt", b"x")] + good[3:]:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
+    raw_tar(buf, good[:3] + [("b.jpg", bytes(65 << 20)), ("b.txt", b"x")] + good[3:])
     Path(path).write_bytes(gzip.compress(buf.getvalue(), compresslevel=6))
     return path
 

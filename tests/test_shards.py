@@ -26,12 +26,17 @@ def png(img: Image.Image) -> bytes:
 
 
 def raw_tar(path, members):
-    """Like tar_bytes but without its safety check, to build hostile archives."""
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
+    """Like tar_bytes but without its safety check, to build hostile archives. A member is
+    (name, bytes) or a ready TarInfo (links, devices); ``path`` may be a file object."""
+    where = {"fileobj": path} if hasattr(path, "write") else {"name": path}
+    with tarfile.open(mode="w", format=tarfile.GNU_FORMAT, **where) as tar:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m)
+                continue
+            ti = tarfile.TarInfo(m[0])
+            ti.size = len(m[1])
+            tar.addfile(ti, io.BytesIO(m[1]))
     return path
 
 
