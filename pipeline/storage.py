@@ -1,137 +1,418 @@
-"""Local atomic writes and file checksums: the one place the project writes files that must never be
-seen half-written (label tars, stats markers, manifests, checkpoints, downloaded weights, caches).
+"""Where bytes live: local paths and object-store URLs behind one small interface.
 
-Every write goes to a temporary name next to the final path (``.<name>.tmp<pid>``), is flushed and
-fsynced, then renamed over the final path: a reader sees the previous file or the whole new one,
-and a failure (or a killed process) leaves at most a temporary file that a later run removes.
+Every location the project reads or writes — source shards, label tars, stats markers, the job
+manifest, trainer checkpoints — is a string that is either a local path (``data/labels``,
+``/shared/cc3m``, ``file:///shared/cc3m``) or an fsspec URL (``s3://bucket/cc3m``,
+``gs://bucket/cc3m``; ``memory://`` in tests). Local paths use the operating system directly;
+URLs go through fsspec (s3fs, gcsfs: the ``s3`` / ``gcs`` extras).
+
+Guarantees, the same on disk and on a bucket:
+
+* **No partial object under a final name.** ``write_bytes_atomic`` / ``open_write_atomic``: on a
+  local filesystem a temporary file in the same folder, fsync, rename, fsync of the folder. Object
+  stores have no rename; there an upload is already all-or-nothing — a single PUT stores the object
+  only once its whole body (with its checksum) has arrived, and a multipart upload becomes visible
+  only at CompleteMultipartUpload, after every part is in (s3fs aborts the upload when a part fails;
+  a killed process leaves an invisible incomplete upload, which a bucket lifecycle rule
+  ``AbortIncompleteMultipartUpload`` reclaims). GCS behaves the same (an object exists once its
+  simple or resumable upload is finalised). So we write straight to the final key, and never via
+  a temporary key plus copy (twice the requests, and temporary keys left behind by a kill).
+  ``open_write_atomic`` spools to a local temporary file and uploads on success only.
+* **Markers last.** Callers write a shard's outputs first and its completion marker last; S3 and
+  GCS give read-after-write and list-after-write consistency, so a planner that sees a marker sees
+  the objects it names.
+* **Credentials from the standard places**: the AWS chain (environment, ``~/.aws`` profile,
+  instance or pod role; ``AWS_ENDPOINT_URL_S3`` for S3-compatible servers), Google application
+  default credentials. This module never reads, logs or puts them in a message; URLs are shown
+  without any ``user:password@`` part.
+* **One clear error before work starts**: ``check_readable`` / ``check_writable`` turn a missing
+  bucket, a permission error, missing credentials or a missing backend into a ``StorageError``
+  whose message fits on one line; CLIs print ``error: <message>`` and exit 2.
+
+Everything else raises what fsspec / the OS raise (``FileNotFoundError``, ``PermissionError``, other
+``OSError``).
 """
 from __future__ import annotations
 
 import contextlib
+import glob as globmod
 import hashlib
-import io
 import json
 import os
-import tarfile
-from pathlib import Path
-from typing import IO, Iterable, Iterator
+import posixpath
+import re
+import tempfile
+import uuid
+from typing import BinaryIO, Iterator
 
-from cliptex_labels.tars import is_unsafe_name
+from braceexpand import braceexpand
+
+CHUNK = 1 << 20
+# s3fs / gcsfs upload a body of at least twice this size in parts of this size (multipart upload)
+MULTIPART_CHUNK = 50 << 20
+# which package serves a scheme, for the message when it is not installed
+BACKENDS = {"s3": "s3fs (pip install 'cliptex[s3]')", "gs": "gcsfs (pip install 'cliptex[gcs]')"}
+_ALIASES = {"gcs": "gs", "s3a": "s3"}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
 
 
-def tmp_path_for(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+class StorageError(RuntimeError):
+    """A location that cannot be used (missing bucket, no permission, no credentials, no backend).
+    The message is one line and never holds credentials."""
 
 
-def _fsync_path(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+# ----------------------------------------------------------------------------------------------
+# names
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
-    """For writers that want a file name (downloaders, libraries): yields the temporary path; when
-    the block ends without error the file there is fsynced and renamed to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
+def scheme(location: str | os.PathLike) -> str:
+    """``"s3"``, ``"gs"``, ``"memory"``, …; ``""`` for a local path (``file://`` included)."""
+    m = _SCHEME.match(os.fspath(location))
+    if not m:
+        return ""
+    s = m.group(1).lower()
+    s = _ALIASES.get(s, s)
+    return "" if s == "file" else s
+
+
+def is_local(location: str | os.PathLike) -> bool:
+    return scheme(location) == ""
+
+
+def redact(location: str | os.PathLike) -> str:
+    """The location as it may appear in a message: without a ``user:password@`` part."""
+    return _USERINFO.sub(r"\1", os.fspath(location))
+
+
+def normalize(location: str | os.PathLike) -> str:
+    """One spelling per location: ``file://`` and ``~`` resolved to a local path, ``gcs://`` and
+    ``s3a://`` to ``gs://`` / ``s3://``, duplicate and trailing slashes removed. A ``..`` segment
+    in a URL is refused: object stores would take it literally."""
+    text = os.fspath(location)
+    if not text:
+        raise ValueError("empty location")
+    s = scheme(text)
+    if not s:
+        m = _SCHEME.match(text)
+        local = text[m.end():] if m else text  # file:///x -> /x
+        return os.path.normpath(os.path.expanduser(local))
+    rest = text[_SCHEME.match(text).end():]
+    parts = [p for p in rest.split("/") if p]
+    if not parts:
+        raise ValueError(f"{redact(text)}: no bucket or path after the scheme")
+    if ".." in parts or "." in parts:
+        raise ValueError(f"{redact(text)}: '.' and '..' segments are not allowed in a URL")
+    return f"{s}://" + "/".join(parts)
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    """``base`` / name / …, for both kinds; names are plain relative names (no ``..``)."""
+    base = normalize(base)
+    for n in names:
+        if not n or n.startswith("/") or ".." in n.split("/"):
+            raise ValueError(f"not a plain relative name: {n!r}")
+    if is_local(base):
+        return os.path.join(base, *names)
+    return posixpath.join(base, *names)
+
+
+def parent(location: str) -> str:
+    location = normalize(location)
+    if is_local(location):
+        return os.path.dirname(location) or "."
+    s = scheme(location)
+    rest = location[len(s) + 3:]
+    head = posixpath.dirname(rest)
+    return f"{s}://{head}" if head else location
+
+
+def expand(pattern: str | os.PathLike) -> list[str]:
+    """Brace expansion (``s3://b/cc3m/{00000..00331}.tar``), each result normalised, in order."""
+    return [normalize(p) for p in braceexpand(os.fspath(pattern))]
+
+
+# ----------------------------------------------------------------------------------------------
+# filesystems
+
+
+def filesystem(location: str):
+    """(fsspec filesystem, path inside it) for a URL. Listings are never cached: other processes
+    (workers on other nodes) write into the same prefixes."""
+    import fsspec
+
     try:
-        yield tmp
-        if fsync:
-            _fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return fsspec.core.url_to_fs(normalize(location), use_listings_cache=False)
+    except ImportError as e:
+        s = scheme(location)
+        need = BACKENDS.get(s, f"the fsspec backend for {s}://")
+        raise StorageError(f"{redact(location)}: {s}:// locations need {need}") from e
+    except ValueError as e:
+        raise StorageError(f"{redact(location)}: {e}") from e
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, fsync: bool = True) -> Iterator[IO[bytes]]:
-    """``with atomic_file(p) as f: f.write(...)``: ``p`` appears, complete, when the block ends."""
-    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as f:
-        yield f
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+def _full(fs, path: str) -> str:
+    return normalize(fs.unstrip_protocol(path))
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
-    with atomic_file(path, fsync=fsync) as f:
-        f.write(data)
+# ----------------------------------------------------------------------------------------------
+# reading
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def exists(location: str) -> bool:
+    if is_local(location):
+        return os.path.exists(normalize(location))
+    fs, path = filesystem(location)
+    return fs.exists(path)
 
 
-def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+def size(location: str) -> int:
+    """Bytes of a file / object; FileNotFoundError when there is none."""
+    if is_local(location):
+        return os.stat(normalize(location)).st_size
+    fs, path = filesystem(location)
+    info = fs.info(path)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(redact(location))
+    return int(info["size"])
+
+
+def open_read(location: str) -> BinaryIO:
+    """A binary file object for streaming reads (read-ahead buffered on object stores)."""
+    if is_local(location):
+        return open(normalize(location), "rb")
+    fs, path = filesystem(location)
+    return fs.open(path, "rb", block_size=8 * CHUNK, cache_type="readahead")
+
+
+def read_bytes(location: str) -> bytes:
+    with open_read(location) as f:
+        return f.read()
+
+
+def sha256(location: str) -> str:
+    """Hex sha256 of the content, streamed in 1 MiB reads."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
+    with open_read(location) as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    """A member header with fixed metadata (mtime 0, root-owned, 0644): identical content gives
-    identical tar bytes."""
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = size, 0, 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    return ti
-
-
-class AtomicTarWriter:
-    """A deterministic tar (GNU format, ``tarinfo`` headers) streamed to a temporary file next to
-    ``path``. ``finish`` closes and fsyncs it, still under its temporary name; ``commit`` renames it
-    into place (so several tars can all be complete on disk before the first becomes visible);
-    ``abort`` removes it. ``suffixes`` collects the member suffixes written (``"depth.lbl"``, ...)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = tmp_path_for(self.path)
-        self._f = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.GNU_FORMAT)
-        self.members = 0
-        self.suffixes: set[str] = set()
-
-    def add(self, name: str, data: bytes) -> None:
-        if is_unsafe_name(name):
-            raise ValueError(f"refusing to write unsafe member name {name!r}")
-        self._tar.addfile(tarinfo(name, len(data)), io.BytesIO(data))
-        self.members += 1
-        self.suffixes.add(name.rpartition("/")[2].partition(".")[2])
-
-    def finish(self) -> None:
-        self._tar.close()
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-
-    def commit(self) -> dict:
-        """Rename into place; returns {"sha256", "bytes", "members"} of the final file."""
-        os.replace(self.tmp, self.path)
-        return {"sha256": sha256_file(self.path), "bytes": self.path.stat().st_size, "members": self.members}
-
-    def abort(self) -> None:
+def listdir(location: str) -> dict[str, int]:
+    """The files directly under a folder / prefix: {full location: size}, sorted by name. A folder
+    or prefix that does not exist lists as empty; a missing bucket is FileNotFoundError."""
+    location = normalize(location)
+    if is_local(location):
         try:
-            if not self._f.closed:
-                self._f.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-
-def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
-    """A deterministic tar of (name, bytes) in order, written atomically. Returns (sha256, size)."""
-    w = AtomicTarWriter(path)
+            with os.scandir(location) as it:
+                entries = {e.path: e.stat().st_size for e in it if e.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        return dict(sorted(entries.items()))
+    fs, path = filesystem(location)
     try:
-        for name, data in members:
-            w.add(name, data)
-        w.finish()
-        done = w.commit()
-    except BaseException:
-        w.abort()
+        found = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        if not _bucket_exists(fs, path):
+            raise
+        return {}
+    out = {_full(fs, e["name"]): int(e.get("size") or 0) for e in found if e.get("type") == "file"}
+    return dict(sorted(out.items()))
+
+
+def _bucket_exists(fs, path: str) -> bool:
+    """Whether the first path segment (the bucket) exists; filesystems without buckets (those
+    with a root folder, like memory://): True."""
+    if fs.root_marker:
+        return True
+    bucket = path.split("/", 1)[0]
+    try:
+        return bool(fs.exists(bucket))
+    except OSError:
+        return False
+
+
+def list_existing(pattern: str | os.PathLike) -> dict[str, int]:
+    """The expansion of a brace pattern, restricted to the files that exist: {location: size}, in
+    pattern order. One listing per distinct folder / prefix (not one request per name)."""
+    wanted = expand(pattern)
+    listed: dict[str, dict[str, int]] = {}
+    out: dict[str, int] = {}
+    for loc in wanted:
+        folder = parent(loc)
+        if folder not in listed:
+            listed[folder] = listdir(folder)
+        if loc in listed[folder]:
+            out[loc] = listed[folder][loc]
+    return out
+
+
+def glob(pattern: str | os.PathLike) -> list[str]:
+    """Shell-style wildcards (``*``, ``?``, ``[…]``) after brace expansion; sorted, no duplicates."""
+    found: set[str] = set()
+    for p in expand(pattern):
+        if is_local(p):
+            found.update(os.path.normpath(x) for x in globmod.glob(p) if os.path.isfile(x))
+        else:
+            fs, path = filesystem(p)
+            found.update(_full(fs, x) for x in fs.glob(path) if fs.isfile(x))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename durable: fsync the folder that holds the new name."""
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened / fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def local_tmp_name(path: str) -> str:
+    """The temporary sibling a local atomic write uses: ``.<name>.tmp<pid>`` (a rerun finds and
+    removes what a killed writer left with ``.<name>.tmp*``)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def open_write_atomic(location: str) -> Iterator[BinaryIO]:
+    """Write a file / object through a binary file object. On a normal exit the content appears
+    whole under ``location``; on an exception (or a killed process) nothing changes there.
+
+    Local: a temporary sibling, fsync, rename, fsync of the folder. Object store: a local spool
+    file, uploaded on success (one PUT, or a multipart upload completed only after its last part).
+    """
+    location = normalize(location)
+    if is_local(location):
+        folder = os.path.dirname(location) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = local_tmp_name(location)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, location)
+            _fsync_dir(folder)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
+    fs, path = filesystem(location)
+    with tempfile.NamedTemporaryFile(prefix="cliptex-upload-", suffix=".part") as spool:
+        yield spool
+        spool.flush()
+        fs.put_file(spool.name, path)
+
+
+def write_bytes_atomic(location: str, data: bytes) -> None:
+    """``data`` under ``location``, all or nothing (see ``open_write_atomic``)."""
+    location = normalize(location)
+    if is_local(location):
+        with open_write_atomic(location) as f:
+            f.write(data)
+        return
+    fs, path = filesystem(location)
+    data = data if isinstance(data, bytes) else bytes(data)
+    if scheme(location) in ("s3", "gs"):
+        fs.pipe_file(path, data, chunksize=MULTIPART_CHUNK)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_json_atomic(location: str, obj) -> None:
+    write_bytes_atomic(location, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def remove(location: str, missing_ok: bool = True) -> None:
+    location = normalize(location)
+    try:
+        if is_local(location):
+            os.unlink(location)
+        else:
+            fs, path = filesystem(location)
+            if not missing_ok and not fs.exists(path):  # deleting a missing S3 key succeeds silently
+                raise FileNotFoundError(redact(location))
+            fs.rm_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+# ----------------------------------------------------------------------------------------------
+# preflight: one clear error before any work starts
+
+
+def _why(e: BaseException) -> str:
+    """One line for an I/O failure, without credentials (service messages never carry them)."""
+    if isinstance(e, PermissionError):
+        kind = "permission denied"
+    elif isinstance(e, FileNotFoundError):
+        kind = "not found"
+    elif type(e).__name__ == "NoCredentialsError":
+        kind = "no credentials found (environment, profile or instance role)"
+    else:
+        kind = type(e).__name__
+    detail = " ".join(str(e).split())
+    if isinstance(e, FileNotFoundError) and " " not in detail:
+        detail = ""  # just the backend's path again
+    detail = detail if len(detail) <= 200 else detail[:199] + "…"
+    return f"{kind}: {detail}" if detail and detail.lower() != kind else kind
+
+
+def check_readable(location: str) -> None:
+    """Raise StorageError unless ``location`` (a file, a folder / prefix, or a bucket) can be read:
+    the bucket exists, credentials work, listing or reading is allowed, and something is there."""
+    shown = redact(location)
+    try:
+        location = normalize(location)
+        if is_local(location):
+            if not os.path.exists(location):
+                raise StorageError(f"cannot read {shown}: no such file or folder")
+            if not os.access(location, os.R_OK):
+                raise StorageError(f"cannot read {shown}: permission denied")
+            return
+        fs, path = filesystem(location)
+        if fs.isfile(path):
+            with fs.open(path, "rb") as f:
+                f.read(1)
+            return
+        if not fs.ls(path):
+            raise StorageError(f"cannot read {shown}: nothing there")
+    except StorageError:
         raise
-    return done["sha256"], done["bytes"]
+    except Exception as e:  # noqa: BLE001 - every backend failure becomes one clear line
+        raise StorageError(f"cannot read {shown}: {_why(e)}") from e
+
+
+def check_writable(location: str) -> None:
+    """Raise StorageError unless objects can be created and deleted under the folder / prefix
+    ``location``: writes and removes one small probe object there (a local folder is created)."""
+    shown = redact(location)
+    probe = None
+    try:
+        location = normalize(location)
+        if is_local(location):
+            os.makedirs(location, exist_ok=True)
+        probe = join(location, f".cliptex-write-check-{uuid.uuid4().hex}")
+        write_bytes_atomic(probe, b"")
+        remove(probe, missing_ok=False)
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        what = "delete in" if probe is not None and _exists_quietly(probe) else "write to"
+        raise StorageError(f"cannot {what} {shown}: {_why(e)}") from e
+
+
+def _exists_quietly(location: str) -> bool:
+    try:
+        return exists(location)
+    except Exception:  # noqa: BLE001
+        return False
