@@ -17,10 +17,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from . import format as F
-from .tars import SHARD_DAMAGE, SKIP_REASONS, LabelTar, Record, Skip, iter_records
+from .tars import SKIP_REASONS, LabelTar, Record, Skip, iter_records
 
 
 def join_reasons(tasks: Sequence[str] = F.TASKS) -> dict[str, str]:
@@ -154,7 +154,7 @@ def samples(sources, label_root: str | os.PathLike, tasks: Sequence[str] | None 
         for item in join_shard(shard, tars, kinds, report=report):
             if isinstance(item, Joined):
                 out = _decoded(item, decode_images)
-                if isinstance(out, Skip):
+                if isinstance(out, Skip):  # joined, but unusable: booked under its reason instead
                     report.joined -= 1
                     report.skipped[out.reason] += 1
                     continue
@@ -210,12 +210,5 @@ def wds_decoder(key: str, data: bytes):
     return arr
 
 
-def iter_label_tar(path: str | os.PathLike) -> Iterable[tuple[str, dict]]:
-    """(key, {kind: decoded array}) of one label tar, in tar order."""
-    with LabelTar(path) as tree:
-        for key, members in tree.items():
-            yield key, {kind: F.decode(F.member_name(key, kind), data) for kind, data in members.items()}
-
-
 __all__ = ["join_reasons", "Joined", "JoinReport", "join_shard", "shard_paths", "tasks_under", "samples",
-           "wds_decoder", "iter_label_tar", "SHARD_DAMAGE"]
+           "wds_decoder"]

@@ -90,7 +90,7 @@ def _sha_cache_path() -> Path:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """``pipeline.storage.sha256_file`` of a checkpoint, remembered by (real path, size, mtime) so
+    """``pipeline.storage.sha256`` of a checkpoint, remembered by (real path, size, mtime) so
     a 1.4 GB file is hashed once per machine rather than once per worker start."""
     real = os.path.realpath(path)
     st = os.stat(real)
@@ -106,7 +106,7 @@ def sha256_file(path: str | os.PathLike) -> str:
             return hit["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         disk = {}
-    digest = storage.sha256_file(real)
+    digest = storage.sha256(real)
     _sha_memo[key] = digest
     disk[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     try:  # a read-only cache dir only costs a re-hash next time

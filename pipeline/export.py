@@ -135,8 +135,7 @@ def export_png(label_root: str | Path, out: str | Path, tasks=None) -> dict:
                             problems.append({"tar": f"{task}/{tar.name}", "key": key, "reason": f"bad_{task}",
                                              "detail": str(e)})
                             continue
-                        # many small files: renamed into place, not fsynced one by one (a rerun redoes them)
-                        write_bytes_atomic(out / kind / tar.stem / f"{key}.png", png, fsync=False)
+                        write_bytes_atomic(out / kind / tar.stem / f"{key}.png", png)
                         pngs[kind] += 1
     summary = {"format": "png", "labels": str(root), "tasks": list(tasks), "pngs": dict(pngs),
                "problems": problems}

@@ -36,7 +36,7 @@ from typing import Callable
 from pipeline import labels
 from pipeline.coco import class_name
 from pipeline.manifest import ShardSet
-from pipeline.storage import sha256_file, write_bytes_atomic, write_json_atomic
+from pipeline.storage import sha256, write_bytes_atomic, write_json_atomic
 from pipeline.worker import (STATS_VERSION, ShardWorker, WorkerConfig, build_experts, stats_path,
                              tar_path)
 
@@ -118,7 +118,7 @@ def check_complete(src: Path, out: Path, tasks, fp: str, verify: str = "sha256")
             return None, f"{task} tar missing"
         if size != rec.get("bytes"):
             return None, f"{task} tar size differs"
-        if verify == "sha256" and sha256_file(path) != rec.get("sha256"):
+        if verify == "sha256" and sha256(path) != rec.get("sha256"):
             return None, f"{task} tar checksum differs"
     return stats, ""
 

@@ -302,9 +302,9 @@ def test_smoke_labels_fixture_is_the_job_output(sample_dir, smoke_labels):
         for _, row in df.iterrows():
             p = smoke_labels / task / f"{row['shard']}.tar"
             assert row[f"{task}_bytes"] == p.stat().st_size
-            from pipeline.storage import sha256_file
+            from pipeline.storage import sha256
 
-            assert row[f"{task}_sha256"] == sha256_file(p)
+            assert row[f"{task}_sha256"] == sha256(p)
 
 
 @pytest.mark.timeout(120)

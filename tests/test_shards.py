@@ -10,7 +10,7 @@ import skimage.data
 from PIL import Image
 
 from pipeline.shards import Sample, Skip, decode_image, iter_samples, tar_bytes
-from pipeline.storage import sha256_file, write_tar_atomic
+from pipeline.storage import sha256, write_tar_atomic
 
 
 def jpeg(arr, **kw) -> bytes:
@@ -190,7 +190,7 @@ def test_writer_is_atomic_and_deterministic(tmp_path):
     members = [("k.txt", b"hello"), ("k.json", json.dumps({"a": 1}).encode())]
     sha1, size1 = write_tar_atomic(tmp_path / "a.tar", members)
     sha2, _ = write_tar_atomic(tmp_path / "b.tar", members)
-    assert sha1 == sha2 == sha256_file(tmp_path / "a.tar") and size1 % 512 == 0
+    assert sha1 == sha2 == sha256(tmp_path / "a.tar") and size1 % 512 == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "b.tar"]  # no temp left behind
 
     def broken():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.storage import atomic_file, write_bytes_atomic
+from pipeline.storage import open_write_atomic, write_bytes_atomic
 
 
 VERSION = 2  # 2: data.skips is {reason: count} (1: a list in the order of V1_SKIP_REASONS)
@@ -36,7 +36,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def torch_save_atomic(obj, path: Path) -> None:
-    with atomic_file(path) as f:
+    with open_write_atomic(path) as f:
         torch.save(obj, f)
 
 
