@@ -89,11 +89,13 @@ def join_shard(source: str | os.PathLike, label_tars: Mapping[str, str | os.Path
                     report.damage.append(f"source: {item.reason}: {item.detail}")
                 else:
                     report.skipped[item.reason] += 1
+                    for tree in trees.values():  # the source has the key: its labels are not extra
+                        tree.claim(item.key)
                 yield item
                 continue
             labels, problems = {}, []
             for t, tree in trees.items():  # every tree is asked: none of the key's labels is "extra"
-                got = tree.take(item.key, kinds[t] if kinds is not None else None)
+                got = tree.take(item.key, (kinds or {}).get(t))
                 if isinstance(got, str):
                     problems.append(f"missing_{t}" if got == "missing" else got)
                     if got == "missing":

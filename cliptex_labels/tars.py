@@ -249,6 +249,10 @@ class LabelTar:
         except OSError:
             return "label_read_error"
 
+    def claim(self, key: str) -> None:
+        """The source has ``key`` but cannot use it: its members are not reported as extra."""
+        self.taken.add(key)
+
     def extra(self) -> list[str]:
         """Keys nobody took, in tar order."""
         return [k for k in self.index.members if k not in self.taken]

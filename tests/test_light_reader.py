@@ -126,6 +126,22 @@ def test_label_tar_hands_each_key_out_once(smoke_labels):
         assert key not in t.extra() and len(t.extra()) == len(t.keys()) - 1
 
 
+@pytest.mark.timeout(120)
+def test_a_source_sample_skipped_by_the_reader_leaves_no_extra_labels(photos, null_experts, tmp_path):
+    """Labels made from a clean copy; the shard then gets a repeated member in k1: k1 is skipped
+    (duplicate_member), and its labels are not 'extra' — the source has the key."""
+    (tmp_path / "clean").mkdir()
+    clean = raw_tar(tmp_path / "clean" / "00000.tar", members(photos[0], "k1") + members(photos[1], "k2"))
+    process_shard(clean, tmp_path / "labels", null_experts, WorkerConfig(profile="null", torch_threads=1))
+    bad = raw_tar(tmp_path / "00000.tar", [("k1.jpg", photos[2].members["jpg"])] + members(photos[0], "k1")
+                  + members(photos[1], "k2"))
+    report = JoinReport()
+    items = list(join_shard(bad, {t: tmp_path / "labels" / t / "00000.tar" for t in labels.TASKS}, report=report))
+    assert [(i.key, type(i).__name__, getattr(i, "reason", "")) for i in items] == [
+        ("k1", "Skip", "duplicate_member"), ("k2", "Joined", "")]
+    assert report.extra == {} and report.summary()["skipped"] == {"duplicate_member": 1}
+
+
 def test_unreadable_label_tars_are_damage_not_silence(tmp_path, sample_dir):
     shard = sorted(sample_dir.glob("*.tar"))[0]
     (tmp_path / "garbage.tar").write_bytes(b"this is not a tar" * 100)
