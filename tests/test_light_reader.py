@@ -115,6 +115,27 @@ def test_join_reports_missing_extra_repeated_and_damaged_labels(sample_dir, smok
     assert len(report.damage) == 1 and report.damage[0].startswith("normal tar")
 
 
+@pytest.mark.timeout(300)
+def test_a_zstd_bomb_in_a_label_tar_costs_its_sample_only(sample_dir, smoke_labels, tmp_path):
+    import json
+    import struct
+
+    import zstandard
+
+    shard = sorted(sample_dir.glob("*.tar"))[0]
+    keys = [r.key for r in iter_records(shard)]
+    depth = stored(smoke_labels, "depth", shard.name)
+    header, _ = labels.read_header(depth[keys[2]]["depth"])
+    h = json.dumps(header).encode()  # a true header, and 1 GiB of zeros behind it (about 40 KB)
+    bomb = struct.pack("<4sHH", b"CTXL", 2, len(h)) + h + zstandard.ZstdCompressor().compress(bytes(1 << 30))
+    write_tar_atomic(tmp_path / "depth" / shard.name,
+                     [(labels.member_name(k, "depth"), bomb if k == keys[2] else depth[k]["depth"]) for k in keys])
+    report = JoinReport()
+    got = [s["key"] for s in samples(shard, tmp_path, report=report)]
+    assert got == keys[:2] + keys[3:]
+    assert report.summary()["skipped"] == {"bad_depth": 1} and report.samples == len(keys)
+
+
 def test_label_tar_hands_each_key_out_once(smoke_labels):
     tar = sorted((smoke_labels / "seg").glob("*.tar"))[0]
     with LabelTar(tar) as t:
