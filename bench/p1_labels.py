@@ -16,30 +16,22 @@ from PIL import Image
 
 from bench.scenes import planar_scene
 from pipeline import labels
+from pipeline.export import normals_to_rgb, rgb_png, rgb_to_normals, seg_png, u16_png
 from pipeline.sample import motorcycle_disparity
 
 SIZES = [(512, 512), (375, 500), (333, 500), (500, 375)]  # 512^2 and typical CC3M aspect ratios
 REPEATS = 15
 
 
-# ---- the 4M-style baseline -------------------------------------------------------------------
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
+# ---- the 4M-style baseline: what `python -m pipeline.export --format png` writes -----------------
 def png_encode(kind: str, arr: np.ndarray) -> tuple[bytes, dict]:
+    """Palette PNG seg, 16-bit PNG depth (the same min/max quantisation as ours), RGB PNG normals."""
     if kind == "seg":
-        img = Image.fromarray(arr, "L").convert("P")  # palette PNG, as 4M stores semantic maps
-        img.putpalette(sum(([i, i, i] for i in range(256)), []))
-        return _png(img), {}
+        return seg_png(arr), {}
     if kind == "depth":
-        lo, hi = float(arr.min()), float(arr.max())
-        q = np.rint((arr - lo) / max(hi - lo, 1e-12) * 65535).astype(np.uint16)
-        return _png(Image.fromarray(q)), {"lo": lo, "hi": hi}
-    q = np.rint((arr + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    return _png(Image.fromarray(q, "RGB")), {}
+        c = labels.to_codes("depth", arr)
+        return u16_png(c.codes), {"codec": "u16q", "lo": c.lo, "hi": c.hi}
+    return rgb_png(normals_to_rgb(arr)), {}
 
 
 def png_decode(kind: str, data: bytes, extra: dict) -> np.ndarray:
@@ -47,11 +39,8 @@ def png_decode(kind: str, data: bytes, extra: dict) -> np.ndarray:
     if kind == "seg":
         return arr
     if kind == "depth":
-        return (extra["lo"] + arr.astype(np.float32) * ((extra["hi"] - extra["lo"]) / 65535)).astype(np.float32)
-    # the same product as ours: float32 unit vectors (3 x u8 is not unit length as stored)
-    n = arr.astype(np.float32) / 127.5 - 1
-    n /= np.linalg.norm(n, axis=-1, keepdims=True)
-    return n
+        return labels.values_from_codes(extra, arr)
+    return rgb_to_normals(arr)  # the same product as ours: float32 unit vectors
 
 
 def _time(fn) -> float:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TASKS = ("seg", "depth", "normal")
+from pipeline.labels import TASKS
 
 
 def make_shards(sample_dir: Path, out: Path, n_shards: int, per_shard: int) -> list[Path]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-TASKS = ("seg", "depth", "normal")
+from pipeline.labels import TASKS
 
 
 def load_sample_images(sample_dir: str | Path, limit: int | None = None) -> list[np.ndarray]:

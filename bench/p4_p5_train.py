@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.labels import TASKS
+
 P4_BATCH, P4_BATCHES, P4_ROUNDS = 8, 8, 4
 P5_ARCH, P5_RES, P5_BATCH, P5_STEPS, P5_ROUNDS = "ViT-B-16", 256, 2, 2, 3
 
@@ -57,7 +59,7 @@ def p4(sample_dir: str, labels_dir: str) -> dict:
 
     cfg = params.load_config("default", overrides=[f"data.batch_size={P4_BATCH}"])
     _, shards, _, _ = D.resolve_shards(str(sample_dir))
-    tasks = ["seg", "depth", "normal"]
+    tasks = list(TASKS)
     shards, label_tars, _ = D.label_files(Path(labels_dir), tasks, shards)
     sides = {"plain": ({}, []), "labels": (label_tars, tasks)}
     runs: dict[str, list[float]] = {side: [] for side in sides}
@@ -107,7 +109,7 @@ def _step_fn(tasks):
 
 
 def p5() -> dict:
-    fns = {"dense": _step_fn(["seg", "depth", "normal"]), "clip": _step_fn([])}
+    fns = {"dense": _step_fn(list(TASKS)), "clip": _step_fn([])}
     times = {k: [] for k in fns}
     for _ in range(P5_ROUNDS):
         for k, fn in fns.items():

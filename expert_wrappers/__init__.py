@@ -12,9 +12,10 @@ Importing this package is cheap; torch and the model libraries load when an expe
 """
 from __future__ import annotations
 
+from pipeline.labels import TASKS
+
 from .base import Expert, MissingDependencyError, MissingWeightsError
 
-TASKS = ("seg", "depth", "normal")
 PROFILES = ("default", "smoke", "null")
 
 __all__ = ["Expert", "MissingWeightsError", "MissingDependencyError", "build_expert", "build_experts",

@@ -22,7 +22,6 @@ from .base import Expert
 NULL_NORMAL = np.array([0.0, 0.0, -1.0], dtype=np.float32)
 NULL_KAPPA = 1.01
 NULL_VALUES = {"seg": 0, "seg_conf": 1.0, "depth": 1.0, "normal": NULL_NORMAL, "normal_conf": NULL_KAPPA}
-KINDS_OF_TASK = {"seg": ("seg",), "depth": ("depth",), "normal": ("normal", "normal_conf")}
 
 
 def constant_map(kind: str, hw: tuple[int, int]) -> np.ndarray:
@@ -55,11 +54,10 @@ def constant_codes(kind: str, hw: tuple[int, int]) -> labels.Codes:
 class NullExpert(Expert):
     def __init__(self, task: str, confidence: bool = False, device_codes: bool = True) -> None:
         super().__init__()
-        if task not in KINDS_OF_TASK:
-            raise ValueError(f"unknown task {task!r}")
         self.task = task
         self.name = f"null-{task}"
-        self.kinds = KINDS_OF_TASK[task] + (("seg_conf",) if task == "seg" and confidence else ())
+        # as the real experts: every kind of the task, the seg score map only when asked for
+        self.kinds = tuple(k for k in labels.kinds_of(task) if k != "seg_conf" or confidence)
         self.device_codes = bool(device_codes)
         for kind in self.kinds:  # "loading": the one-off tables behind the codes, not the first batch
             _one_pixel(kind)

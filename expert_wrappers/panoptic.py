@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-SEG_IGNORE = 255
+from pipeline.labels import SEG_IGNORE
 
 
 def _coco_table() -> tuple[torch.Tensor, tuple[str, ...]]:

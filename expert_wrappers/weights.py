@@ -19,13 +19,14 @@ Loading is restricted to tensors: ``torch.load(weights_only=True)`` or safetenso
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import socket
 import time
 import urllib.parse
 from pathlib import Path
+
+from pipeline import storage
 
 from .base import MissingWeightsError
 
@@ -80,10 +81,6 @@ def can_reach(url: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
     return ok
 
 
-def online_for(url: str) -> bool:
-    return not offline_by_env() and can_reach(url)
-
-
 # ----------------------------------------------------------------------------------------------
 # hashing
 
@@ -93,8 +90,8 @@ def _sha_cache_path() -> Path:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a checkpoint, remembered by (real path, size, mtime) so a 1.4 GB file is hashed
-    once per machine rather than once per worker start."""
+    """``pipeline.storage.sha256`` of a checkpoint, remembered by (real path, size, mtime) so
+    a 1.4 GB file is hashed once per machine rather than once per worker start."""
     real = os.path.realpath(path)
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns)
@@ -109,19 +106,11 @@ def sha256_file(path: str | os.PathLike) -> str:
             return hit["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         disk = {}
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = storage.sha256(real)
     _sha_memo[key] = digest
     disk[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     try:  # a read-only cache dir only costs a re-hash next time
-        cache = _sha_cache_path()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(disk, indent=0, sort_keys=True))
-        os.replace(tmp, cache)
+        storage.write_bytes_atomic(_sha_cache_path(), json.dumps(disk, indent=0, sort_keys=True).encode())
     except OSError:
         pass
     return digest
@@ -160,14 +149,8 @@ def download_url(url: str, dest: Path, sha256_prefix: str | None = None) -> Path
     ``sha256_prefix`` (torchvision puts one in its file names) is checked before the rename."""
     import torch.hub
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
-    try:
+    with storage.atomic_path(dest) as tmp:
         torch.hub.download_url_to_file(url, str(tmp), hash_prefix=sha256_prefix, progress=True)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return dest
 
 

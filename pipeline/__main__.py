@@ -102,16 +102,11 @@ def _sigterm(signum, frame):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from expert_wrappers.base import MissingWeightsError
+    from expert_wrappers.base import MissingDependencyError, MissingWeightsError
     from pipeline import storage
     from pipeline.job import JobConfigError, JobError, JobSpec, dry_run, run
     from pipeline.manifest import ManifestError, load_manifest
     from pipeline.worker import WorkerConfig
-
-    try:
-        from expert_wrappers.base import MissingDependencyError
-    except ImportError:  # older expert_wrappers
-        MissingDependencyError = MissingWeightsError  # noqa: N806
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm) if in_main else None

@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,7 +36,7 @@ from typing import Callable
 from pipeline import labels
 from pipeline.coco import class_name
 from pipeline.manifest import ShardSet
-from pipeline.shards import sha256_file, write_bytes_atomic, write_json_atomic
+from pipeline.storage import sha256, write_bytes_atomic, write_json_atomic
 from pipeline.worker import (STATS_VERSION, ShardWorker, WorkerConfig, build_experts, stats_path,
                              tar_path)
 
@@ -118,7 +118,7 @@ def check_complete(src: Path, out: Path, tasks, fp: str, verify: str = "sha256")
             return None, f"{task} tar missing"
         if size != rec.get("bytes"):
             return None, f"{task} tar size differs"
-        if verify == "sha256" and sha256_file(path) != rec.get("sha256"):
+        if verify == "sha256" and sha256(path) != rec.get("sha256"):
             return None, f"{task} tar checksum differs"
     return stats, ""
 
@@ -313,14 +313,16 @@ def _root_cause(e: BaseException) -> str:
 # manifest
 
 
+def _summed(stats: list[dict], field: str) -> dict:
+    """The per-shard counters ``field`` ({name: n}) added up over the shards."""
+    total: Counter = Counter()
+    for s in stats:
+        total.update(s[field])
+    return dict(sorted(total.items()))
+
+
 def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> tuple[dict, list[dict]]:
     cfg = spec.worker
-    ok = sum(s["ok"] for s in stats)
-    skipped = sum(s["skipped"] for s in stats)
-    reasons: dict[str, int] = {}
-    for s in stats:
-        for r, n in s["skip_reasons"].items():
-            reasons[r] = reasons.get(r, 0) + n
     n_cls = labels.NUM_SEG_CLASSES + 1
     pixels = [sum(s["class_pixels"][c] for s in stats) for c in range(n_cls)]
     instances = [sum(s["class_instances"][c] for s in stats) for c in range(n_cls)]
@@ -340,6 +342,9 @@ def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> 
                       "shards": [p.name for p in spec.shard_set.shards],
                       "expected_samples": spec.shard_set.expected_samples},
         "tasks": list(cfg.tasks),
+        # the kinds each tree holds: every labelled sample of a tree has exactly these members
+        "kinds": {t: [k for k in labels.KINDS if any(k in s["outputs"][t]["kinds"] for s in stats)]
+                  for t in cfg.tasks},
         "experts": by_workers,
         "experts_differ_in_shards": differ,
         "checkpoints": _checkpoints(by_workers),
@@ -348,8 +353,14 @@ def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> 
                    "max_pixels": cfg.max_pixels},
         "run": runs[0] if runs else {},
         "run_differs_in_shards": [s["shard"] for s in stats if s.get("run", {}) != (runs[0] if runs else {})],
-        "counts": {"shards": len(stats), "ok": ok, "skipped": skipped, "skip_reasons": reasons,
-                   "samples_with_key": ok + sum(1 for s in stats for k in s["skips"] if k["key"] is not None)},
+        # per sample: samples = ok + skipped; damage to shards (truncated, empty) is not a sample
+        "counts": {"shards": len(stats), "samples": sum(s["samples"] for s in stats),
+                   "ok": sum(s["ok"] for s in stats), "skipped": sum(s["skipped"] for s in stats),
+                   "skip_reasons": _summed(stats, "skip_reasons"),
+                   "shard_damage": dict(sorted(Counter(d["reason"] for s in stats for d in s["shard_damage"]).items())),
+                   "source_modes": _summed(stats, "source_modes"),
+                   "exif_orientations": _summed(stats, "exif_orientations"),
+                   "near_constant": sum(s["near_constant"] for s in stats)},
         "outputs": outputs,
         "classes": [class_name(c) for c in range(n_cls)],
         "class_pixels": pixels,
@@ -360,8 +371,13 @@ def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> 
     }
     rows = []
     for s in stats:
-        row = {"shard": s["shard"], "source": Path(s["source"]).name, "samples": s["ok"] + s["skipped"],
-               "ok": s["ok"], "skipped": s["skipped"], "seconds": float(s["seconds"]),
+        row = {"shard": s["shard"], "source": Path(s["source"]).name, "samples": s["samples"],
+               "ok": s["ok"], "skipped": s["skipped"],
+               "not_rgb": sum(n for m, n in s["source_modes"].items() if m != "RGB"),
+               "rotated": sum(n for o, n in s["exif_orientations"].items() if o != "1"),
+               "near_constant": s["near_constant"],
+               "shard_damage": ",".join(d["reason"] for d in s["shard_damage"]),
+               "seconds": float(s["seconds"]),
                "expert_seconds": float(s.get("timing", {}).get("experts", 0.0)),
                "host": s.get("worker", {}).get("host", "")}
         for t in cfg.tasks:
@@ -431,7 +447,7 @@ def run(spec: JobSpec, *, on_event: Callable | None = None, log: Callable[[str],
         manifest, rows = build_manifest(spec, all_stats, experts, fp)
         write_manifest(out, manifest, rows)
     elapsed = time.perf_counter() - t0
-    n_new = sum(s["ok"] + s["skipped"] for s in new.values())
+    n_new = sum(s["samples"] for s in new.values())
     summary = {"shards": len(shards), "processed": sorted(new), "resumed": sorted(done),
                "ok": manifest["counts"]["ok"], "skipped": manifest["counts"]["skipped"],
                "new_samples": n_new, "seconds": round(elapsed, 2),
@@ -499,7 +515,7 @@ def _run_pool(spec: JobSpec, cfg: WorkerConfig, todo: list[Path], n_done: int, n
                         _retry_or_fail(src, attempts, errors, queue, spec, e, bar)
                     else:
                         results[src.stem] = stats
-                        n_samples += stats["ok"] + stats["skipped"]
+                        n_samples += stats["samples"]
                         bar.update(1)
                         dt = time.perf_counter() - t_pool
                         bar.set_postfix_str(f"{n_samples / max(dt, 1e-9):.1f} samples/s")

@@ -10,71 +10,24 @@ highlighted).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import labels
-from pipeline.coco import COCO_CLASSES, VOC_IN_COCO, class_name
+from pipeline.coco import COCO_CLASSES, VOC_IN_COCO, class_name, palette
 from pipeline.job import MANIFEST_JSON
 
 
-def palette() -> np.ndarray:
-    """256 RGB colours: 0 black (background), 255 grey (ignore), classes well spread in hue."""
-    import colorsys
-
-    pal = np.zeros((256, 3), np.uint8)
-    for c in range(1, 255):
-        h = (c * 0.618033988749895) % 1.0
-        r, g, b = colorsys.hsv_to_rgb(h, 0.75, 0.95 if c % 2 else 0.75)
-        pal[c] = (int(r * 255), int(g * 255), int(b * 255))
-    pal[labels.SEG_IGNORE] = (128, 128, 128)
-    return pal
-
-
-def read_label_tar(path: Path, max_bytes: int = 256 << 20) -> dict[str, dict[str, bytes]]:
-    """{key: {kind: member bytes}} of a label tar. Member names are only parsed, never used as
-    file system paths."""
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile() or info.size > max_bytes:
-                continue
-            try:
-                key, kind = labels.split_member_name(info.name)
-            except labels.LabelFormatError:
-                continue
-            out.setdefault(key, {})[kind] = tar.extractfile(info).read()
-    return out
-
-
 def collect(shards, label_root: Path, n: int) -> list[dict]:
-    """The first ``n`` labelled samples: image plus decoded seg / depth / normal maps."""
-    from pipeline.shards import Sample, iter_samples
+    """The first ``n`` labelled samples: image, caption and decoded label maps (every tree present
+    under ``label_root``), read through ``cliptex_labels.samples``."""
+    from cliptex_labels import samples
 
-    rows: list[dict] = []
-    for src in shards:
-        members: dict[str, dict[str, bytes]] = {}
-        for task in labels.TASKS:
-            p = label_root / task / src.name
-            if p.is_file():
-                for key, kinds in read_label_tar(p).items():
-                    members.setdefault(key, {}).update(kinds)
-        if not members:
-            continue
-        for s in iter_samples(src):
-            if not isinstance(s, Sample) or s.key not in members:
-                continue
-            row = {"key": s.key, "image": s.image, "caption": s.caption}
-            for kind, data in members[s.key].items():
-                row[kind] = labels.decode(labels.member_name(s.key, kind), data)
-            rows.append(row)
-            if len(rows) >= n:
-                return rows
-    return rows
+    return list(itertools.islice(samples(shards, label_root), n))
 
 
 def _resize_nearest(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -88,7 +41,7 @@ def _save(fig, path: Path, dpi: int) -> None:
 
     import matplotlib.pyplot as plt
 
-    from pipeline.shards import write_bytes_atomic
+    from pipeline.storage import write_bytes_atomic
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

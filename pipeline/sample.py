@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shards import tar_bytes, write_bytes_atomic, write_json_atomic
+from pipeline.shards import tar_bytes
+from pipeline.storage import write_bytes_atomic, write_json_atomic
 
 # (skimage.data loader, caption). Grayscale ones stay single-channel JPEGs on purpose: web data has
 # them and the reader must convert. The stereo motorcycle's left view comes with true disparity.

@@ -37,15 +37,19 @@ from __future__ import annotations
 import contextlib
 import glob as globmod
 import hashlib
+import io
 import json
 import os
 import posixpath
 import re
+import tarfile
 import tempfile
 import uuid
 from typing import BinaryIO, Iterator
 
 from braceexpand import braceexpand
+
+from cliptex_labels.tars import is_unsafe_name
 
 CHUNK = 1 << 20
 # s3fs / gcsfs upload a body of at least twice this size in parts of this size (multipart upload)
@@ -416,3 +420,105 @@ def _exists_quietly(location: str) -> bool:
         return exists(location)
     except Exception:  # noqa: BLE001
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# local writers the label job and the weight downloads need (object stores: docs/STORAGE.md, phase 2)
+
+
+def _local_only(location: str, what: str) -> str:
+    location = normalize(location)
+    if not is_local(location):
+        raise StorageError(f"{redact(location)}: {what} are written to local paths only for now (docs/STORAGE.md)")
+    return location
+
+
+def _publish(tmp: str, location: str) -> None:
+    """A complete, fsynced temporary sibling becomes ``location``; the rename is made durable."""
+    os.replace(tmp, location)
+    _fsync_dir(os.path.dirname(location) or ".")
+
+
+@contextlib.contextmanager
+def atomic_path(location: str | os.PathLike) -> Iterator[str]:
+    """For a library that writes a file by name (a downloader): yields the name of the temporary
+    sibling; on a normal exit that file is fsynced and renamed to ``location``, on an exception it is
+    removed. Local paths only."""
+    location = _local_only(location, "files written by name")
+    os.makedirs(os.path.dirname(location) or ".", exist_ok=True)
+    tmp = local_tmp_name(location)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _publish(tmp, location)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """A member header with fixed metadata (mtime 0, root-owned, 0644): identical content gives
+    identical tar bytes."""
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, 0, 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+class AtomicTarWriter:
+    """A deterministic tar (GNU format, ``tarinfo`` headers) streamed to the temporary sibling of
+    ``location``. ``finish`` closes and fsyncs it, still under its temporary name; ``commit`` renames
+    it into place (so a shard's tars can all be complete on disk before the first one becomes
+    visible); ``abort`` removes it. ``suffixes`` collects the member suffixes written
+    (``"depth.lbl"``, ...). Local paths only."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = _local_only(location, "streamed tars")
+        os.makedirs(os.path.dirname(self.location) or ".", exist_ok=True)
+        self.tmp = local_tmp_name(self.location)
+        self._f = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.GNU_FORMAT)
+        self.members = 0
+        self.suffixes: set[str] = set()
+
+    def add(self, name: str, data: bytes) -> None:
+        if is_unsafe_name(name):
+            raise ValueError(f"refusing to write unsafe member name {name!r}")
+        self._tar.addfile(tarinfo(name, len(data)), io.BytesIO(data))
+        self.members += 1
+        self.suffixes.add(name.rpartition("/")[2].partition(".")[2])
+
+    def finish(self) -> None:
+        self._tar.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def commit(self) -> dict:
+        """Rename into place; returns {"sha256", "bytes", "members"} of the final file."""
+        _publish(self.tmp, self.location)
+        return {"sha256": sha256(self.location), "bytes": os.path.getsize(self.location), "members": self.members}
+
+    def abort(self) -> None:
+        try:
+            if not self._f.closed:
+                self._f.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+
+def write_tar_atomic(location: str | os.PathLike, members) -> tuple[str, int]:
+    """A deterministic tar of (name, bytes) in order, written atomically. Returns (sha256, size)."""
+    w = AtomicTarWriter(location)
+    try:
+        for name, data in members:
+            w.add(name, data)
+        w.finish()
+        done = w.commit()
+    except BaseException:
+        w.abort()
+        raise
+    return done["sha256"], done["bytes"]

@@ -10,7 +10,8 @@ tree, renames every tar into place and writes the shard's stats marker last::
 
 Members keep the source keys in source order. A sample that cannot be labelled (undecodable
 image, expert or encoder failure) gets no member in any tree; it is listed in the marker's
-``skips`` with its source index, key and reason. A shard is *complete* when its marker exists and
+``skips`` with its source index, key and reason. The marker's books (``pipeline.shards.SampleLedger``)
+count samples, not members: samples = ok + skipped for every shard. A shard is *complete* when its marker exists and
 the tars it names have the recorded sha256 (``pipeline.job`` checks that before skipping it).
 
 ``ShardWorker`` is the thin Ray actor around it: it loads the experts once and processes one
@@ -21,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import socket
-import tarfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,16 +31,11 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import labels
-from pipeline.shards import (DEFAULT_MAX_PIXELS, Sample, Skip, _tarinfo, decode_record,
-                             iter_records, sha256_file, tmp_path_for, write_json_atomic)
+from pipeline.shards import DEFAULT_MAX_PIXELS, Sample, SampleLedger, Skip, decode_record, iter_records
+from pipeline.storage import AtomicTarWriter, write_json_atomic
 
 STATS_DIR = "_stats"
-STATS_VERSION = 1
-# Reasons a worker adds to pipeline.shards.SKIP_REASONS.
-WORKER_SKIP_REASONS = {
-    "expert_error": "an expert raised on this image (alone, after its batch failed)",
-    "label_encode_error": "an expert map could not be resized/encoded (wrong dtype/shape, NaN)",
-}
+STATS_VERSION = 2  # 2: per-sample books (samples = ok + skipped), shard damage apart, source modes
 
 
 @dataclass
@@ -80,44 +75,6 @@ def stats_path(out_root: str | os.PathLike, shard_stem: str) -> Path:
 
 def tar_path(out_root: str | os.PathLike, task: str, shard_name: str) -> Path:
     return Path(out_root) / task / shard_name
-
-
-class _AtomicTarWriter:
-    """Appends members to ``.<name>.tmp<pid>`` next to the final path; ``commit`` fsyncs and renames.
-    Member metadata is the same as ``pipeline.shards.tar_bytes`` (byte-identical archives)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = tmp_path_for(path)
-        self._f = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.GNU_FORMAT)
-        self.members = 0
-
-    def add(self, name: str, data: bytes) -> None:
-        import io
-
-        self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-        self.members += 1
-
-    def finish(self) -> None:
-        """Close and fsync the temporary file (still under its temporary name)."""
-        self._tar.close()
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-
-    def commit(self) -> dict:
-        os.replace(self.tmp, self.path)
-        return {"sha256": sha256_file(self.path), "bytes": self.path.stat().st_size,
-                "members": self.members}
-
-    def abort(self) -> None:
-        try:
-            if not self._f.closed:
-                self._f.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
 
 
 class _Inline(cf.Executor):
@@ -190,10 +147,11 @@ def count_instances(seg: np.ndarray, pixels: np.ndarray | None = None,
 
 
 def encode_maps(key: str, maps: dict, image_hw: tuple[int, int],
-                tasks: tuple[str, ...], label_scale: float) -> tuple[dict[str, list], dict]:
+                tasks: tuple[str, ...], label_scale: float, orientation: int = 1) -> tuple[dict[str, list], dict]:
     """Encode an image's expert maps at label resolution, in ``labels.KINDS`` order. A map is
     either ``labels.Codes`` (converted on the expert's device, at label resolution already) or an
-    array at any resolution (resized and converted here). Returns ({task: [(member name, bytes)]},
+    array at any resolution (resized and converted here). ``orientation``: the EXIF orientation the
+    reader applied to the image (recorded in every member). Returns ({task: [(member name, bytes)]},
     seg histograms)."""
     hw = labels.label_shape(image_hw, label_scale)
     out: dict[str, list] = {t: [] for t in tasks}
@@ -213,7 +171,7 @@ def encode_maps(key: str, maps: dict, image_hw: tuple[int, int],
         else:
             codes = labels.to_codes(kind, labels.resize_map(kind, np.asarray(value), hw))
         out[labels.task_of(kind)].append(
-            (labels.member_name(key, kind), labels.pack(codes, image_size=image_hw)))
+            (labels.member_name(key, kind), labels.pack(codes, image_size=image_hw, orientation=orientation)))
         if kind == "seg":
             hist["pixels"] = codes.class_pixels()
             if "instance_classes" in maps:  # an expert that reports its painted instances' classes
@@ -262,26 +220,24 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
     for t in tasks:
         groups.setdefault(id(experts[t]), (experts[t], []))[1].append(t)
 
-    skips: list[dict] = []
+    ledger = SampleLedger()
     pixels = np.zeros(256, np.int64)
     instances = np.zeros(256, np.int64)
-    n_ok = 0
     timing = {"experts": 0.0, "wait_decode": 0.0, "wait_encode": 0.0}
-    writers = {t: _AtomicTarWriter(tar_path(out_root, t, name)) for t in tasks}
+    writers = {t: AtomicTarWriter(tar_path(out_root, t, name)) for t in tasks}
     try:
         with _pool(cfg.decode_threads, "decode") as dpool, _pool(cfg.encode_threads, "encode") as epool:
             encoded: deque[tuple[int, str, cf.Future]] = deque()
 
             def write_ready(limit: int) -> None:
-                nonlocal n_ok, pixels, instances
+                nonlocal pixels, instances
                 while encoded and (len(encoded) > limit or encoded[0][2].done()):
                     index, key, fut = encoded.popleft()
                     t0 = time.perf_counter()
                     try:
                         members, hist = fut.result()
                     except Exception as e:  # noqa: BLE001 - recorded as a skip
-                        skips.append({"index": index, "key": key, "reason": "label_encode_error",
-                                      "detail": f"{type(e).__name__}: {e}"})
+                        ledger.skip(index, key, "label_encode_error", f"{type(e).__name__}: {e}")
                         continue
                     finally:
                         timing["wait_encode"] += time.perf_counter() - t0
@@ -291,7 +247,7 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
                     if "pixels" in hist:
                         pixels += hist["pixels"]
                         instances += hist["instances"]
-                    n_ok += 1
+                    ledger.labelled(index)
 
             def run_batch(batch: list[tuple[int, Sample]]) -> None:
                 t0 = time.perf_counter()
@@ -306,11 +262,10 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
                 timing["experts"] += time.perf_counter() - t0
                 for (index, s), maps in zip(batch, merged):
                     if isinstance(maps, Exception):
-                        skips.append({"index": index, "key": s.key, "reason": "expert_error",
-                                      "detail": str(maps)})
+                        ledger.skip(index, s.key, "expert_error", str(maps))
                         continue
                     encoded.append((index, s.key, epool.submit(
-                        encode_maps, s.key, maps, tuple(s.image.shape[:2]), tasks, cfg.label_scale)))
+                        encode_maps, s.key, maps, tuple(s.image.shape[:2]), tasks, cfg.label_scale, s.orientation)))
 
             batch: list[tuple[int, Sample]] = []
             prefetch = 2 * cfg.batch_size + cfg.decode_threads
@@ -322,8 +277,8 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
                 if item is None:
                     break
                 index, s = item
-                if isinstance(s, Skip):
-                    skips.append({"index": index, **s.as_dict()})
+                s = ledger.read(index, s)
+                if s is None:  # skipped, or damage to the shard
                     continue
                 if cfg.sample_delay:
                     time.sleep(cfg.sample_delay)
@@ -335,24 +290,21 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
             if batch:
                 run_batch(batch)
             write_ready(limit=0)
-        n_expert_errors = sum(1 for s in skips if s["reason"] == "expert_error")
-        if n_ok == 0 and n_expert_errors:
+        if ledger.ok == 0 and ledger.reasons["expert_error"]:
             raise RuntimeError(f"{src}: every image failed in the experts; first error: "
-                               f"{next(s['detail'] for s in skips if s['reason'] == 'expert_error')}")
+                               f"{next(s['detail'] for s in ledger.skips if s['reason'] == 'expert_error')}")
+        books = ledger.stats()  # checked before any tar becomes visible
         for w in writers.values():
             w.finish()
         outputs = {}
         for t, w in writers.items():  # every tar is complete on disk before the first rename
-            outputs[t] = {"path": f"{t}/{name}", **w.commit()}
+            outputs[t] = {"path": f"{t}/{name}", **w.commit(),
+                          "kinds": [k for k in labels.KINDS if f"{k}.{labels.MEMBER_EXT}" in w.suffixes]}
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
 
-    skips.sort(key=lambda s: s["index"])
-    reasons: dict[str, int] = {}
-    for s in skips:
-        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
     stats = {
         "stats_version": STATS_VERSION,
         "format_version": labels.FORMAT_VERSION,
@@ -360,10 +312,7 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
         "source": str(src),
         "source_bytes": src.stat().st_size,
         "fingerprint": cfg.fingerprint,
-        "ok": n_ok,
-        "skipped": len(skips),
-        "skip_reasons": reasons,
-        "skips": skips,
+        **books,
         "outputs": outputs,
         "class_pixels": pixels[:labels.NUM_SEG_CLASSES + 1].tolist(),
         "ignore_pixels": int(pixels[labels.SEG_IGNORE]),
@@ -435,9 +384,6 @@ class ShardWorker:
             for e in self.experts.values():
                 if hasattr(e, "device_codes"):
                     e.device_codes = bool(cfg.device_codes)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def info(self) -> dict:
         node = None

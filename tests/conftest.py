@@ -24,6 +24,15 @@ def sample_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def null_experts():
+    """Zero-cost constant maps: for tests about the data path, not the maps' content."""
+    from pipeline.labels import TASKS
+    from pipeline.worker import build_experts
+
+    return build_experts(TASKS, "null", "cpu")
+
+
+@pytest.fixture(scope="session")
 def smoke_labels(sample_dir, tmp_path_factory) -> Path:
     """Label trees for the sample shards (seg, depth, normal), written by the real pseudo-label job
     (``python -m pipeline --profile smoke`` on local Ray, 2 workers x 1 torch thread)."""

@@ -80,9 +80,47 @@ def test_rejects_nonfinite_and_bad_shapes():
 
 def test_unknown_version_is_refused():
     data = bytearray(encode("seg", np.zeros((4, 4), np.uint8)))
-    data[4:6] = struct.pack("<H", 2)
-    with pytest.raises(LabelFormatError, match="version 2 is not supported"):
+    data[4:6] = struct.pack("<H", 3)
+    with pytest.raises(LabelFormatError, match="version 3 is not supported"):
         decode("k.seg.lbl", bytes(data))
+
+
+def _as_version_1(data: bytes) -> bytes:
+    """The same member as format 1 wrote it: version 1, no "orientation" in the header."""
+    _, _, n = struct.unpack_from("<4sHH", data)
+    header = json.loads(data[8:8 + n])
+    del header["orientation"]
+    h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return struct.pack("<4sHH", b"CTXL", 1, len(h)) + h + data[8 + n:]
+
+
+def test_version_1_members_still_decode():
+    rng = np.random.default_rng(8)
+    for kind in ("seg", "depth", "normal", "normal_conf"):
+        data = encode(kind, _random_map(kind, 9, 13, rng), image_size=(18, 26), orientation=6)
+        old = _as_version_1(data)
+        assert struct.unpack_from("<H", old, 4)[0] == 1
+        header, arr = labels.decode_with_header(old)
+        assert "orientation" not in header and header["image_size"] == [18, 26]
+        assert np.array_equal(arr, decode(member_name("k", kind), data), equal_nan=False), kind
+
+
+def test_orientation_is_recorded_and_checked():
+    data = encode("seg", np.zeros((2, 3), np.uint8), image_size=(4, 6), orientation=8)
+    assert labels.decode_with_header(data)[0]["orientation"] == 8
+    with pytest.raises(ValueError, match="orientation"):
+        encode("seg", np.zeros((2, 3), np.uint8), orientation=9)
+
+
+def test_label_size_rounds_half_up():
+    """Format 2's rule, max(1, floor(n * scale + 0.5)): the cases where format 1's round-half-to-even
+    went down (741 * 0.5 = 370.5 -> 370) now go up, like every other half."""
+    assert labels.label_shape((451, 741), 0.5) == (226, 371)
+    assert labels.label_shape((3, 5), 0.5) == (2, 3)
+    assert labels.label_shape((1, 1), 0.5) == (1, 1) and labels.label_shape((1, 2), 0.25) == (1, 1)
+    assert labels.label_shape((100, 7), 1.0) == (100, 7)
+    with pytest.raises(ValueError):
+        labels.label_shape((10, 10), 0)
 
 
 def _forge(header: dict, raw: bytes, content_size=True) -> bytes:
@@ -136,26 +174,42 @@ def spec_decoder():
     from tests.conftest import REPO
 
     doc = (REPO / "docs" / "LABELS.md").read_text()
-    code = re.search(r"```python\n(.*?def decode_label.*?)\n\nimport webdataset", doc, re.S).group(1)
-    assert "pipeline" not in code
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "def decode_label" in b]
+    assert len(blocks) == 1
+    assert "pipeline" not in blocks[0] and "cliptex" not in blocks[0]
     namespace: dict = {}
-    exec(code, namespace)
+    exec(blocks[0], namespace)
     return namespace["decode_label"]
 
 
-def test_spec_recipe_matches_reader():
-    rng = np.random.default_rng(3)
-    maps = {"seg": rng.integers(0, 81, (16, 24)).astype(np.uint8),
-            "depth": rng.random((16, 24)).astype(np.float32) * 9,
-            "normal": sphere(16 * 24, 4).reshape(16, 24, 3),
-            "normal_conf": rng.random((16, 24)).astype(np.float32) * 100}
+def test_spec_recipe_decodes_bit_for_bit():
+    """docs/LABELS.md's recipe and our reader give the same bits for every kind, on random maps (every
+    delta wraps somewhere, every octahedral code region is hit), on constant maps (lo == hi), on
+    every octahedral code and on a version 1 member."""
     decode_label = spec_decoder()
-    for kind, arr in maps.items():
-        data = encode(kind, arr)
-        ours = decode(member_name("k", kind), data)
-        theirs = decode_label(data)
-        assert theirs.shape == ours.shape
-        assert np.allclose(theirs, ours, atol=1e-5), kind
+    rng = np.random.default_rng(3)
+    cases = []
+    for kind in labels.KINDS:
+        for H, W in [(1, 1), (16, 24), (129, 77)]:
+            cases.append((kind, _random_map(kind, H, W, rng)))
+        cases.append((kind, _constant_map(kind, (5, 7))))
+    cases.append(("normal", labels.octahedral_table().reshape(256, 256, 3)))  # every code once
+    for kind, arr in cases:
+        data = encode(kind, arr, image_size=(2 * arr.shape[0], 2 * arr.shape[1]))
+        for member in (data, _as_version_1(data)):
+            ours = decode(member_name("k", kind), member)
+            theirs = decode_label(member)
+            assert theirs.dtype == ours.dtype and theirs.shape == ours.shape, kind
+            # the same bits, not merely close values
+            assert np.array_equal(theirs.view(np.uint8), ours.view(np.uint8)), (kind, arr.shape)
+
+
+def _constant_map(kind, hw):
+    if kind == "seg":
+        return np.full(hw, 7, np.uint8)
+    if kind == "normal":
+        return np.broadcast_to(np.array([0.6, 0.0, -0.8], np.float32), tuple(hw) + (3,)).copy()
+    return np.full(hw, 2.5, np.float32)
 
 
 def _reference_codes(data):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cliptex_labels import LabelTar
 from pipeline import labels
 from pipeline.shards import Sample, iter_samples, tar_bytes
 from pipeline.worker import WorkerConfig, process_shard, stats_path
@@ -30,18 +31,17 @@ def source_keys(shard: Path) -> list[str]:
     return [s.key for s in iter_samples(shard) if isinstance(s, Sample)]
 
 
-def label_members(tar: Path) -> list[tuple[str, bytes]]:
+def tar_members(tar: Path) -> list[tuple[str, bytes]]:
+    """Every (name, bytes) of any tar, in order: for building damaged inputs and comparing bytes."""
     with tarfile.open(tar) as t:
         return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
 
 
 def label_keys(tar: Path) -> list[str]:
-    keys: list[str] = []
-    for name, _ in label_members(tar):
-        key, _kind = labels.split_member_name(name)
-        if not keys or keys[-1] != key:
-            keys.append(key)
-    return keys
+    """Keys of a label tar in tar order, through the project's one label-tar reader."""
+    with LabelTar(tar) as t:
+        assert t.damage is None and not t.index.duplicates and not t.index.foreign, tar
+        return t.keys()
 
 
 def tree_files(root: Path) -> dict[str, bytes]:
@@ -75,19 +75,11 @@ def smoke_experts():
     return build_experts(labels.TASKS, PROFILE, "cpu")
 
 
-@pytest.fixture(scope="module")
-def null_experts():
-    """Zero-cost constant maps: for tests about the data path, not the maps' content."""
-    from pipeline.worker import build_experts
-
-    return build_experts(labels.TASKS, "null", "cpu")
-
-
 def small_shard(src: Path, dst: Path, n: int) -> Path:
     """The first ``n`` samples of a shard, as a new shard."""
     keys = source_keys(src)[:n]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(tar_bytes([(m, d) for m, d in label_members(src) if m.split(".")[0] in keys]))
+    dst.write_bytes(tar_bytes([(m, d) for m, d in tar_members(src) if m.split(".")[0] in keys]))
     return dst
 
 
@@ -109,17 +101,18 @@ def test_process_shard_labels_every_sample_in_source_order(sample_dir, null_expe
     for task in labels.TASKS:
         tar = tmp_path / task / shard.name
         assert label_keys(tar) == keys
-        members = label_members(tar)
+        members = tar_members(tar)
         # the streaming writer makes the same bytes as the reference writer
         assert tar.read_bytes() == tar_bytes(members)
         assert stats["outputs"][task]["members"] == len(members)
-        for name, data in members:
-            key, kind = labels.split_member_name(name)
-            header, arr = labels.decode_with_header(data)
-            assert tuple(header["image_size"]) == images[key]
-            assert arr.shape[:2] == labels.label_shape(images[key], 0.5)
-    kinds = {labels.split_member_name(n)[1] for n, _ in label_members(tmp_path / "normal" / shard.name)}
-    assert {"normal", "normal_conf"} <= kinds
+        with LabelTar(tar) as t:
+            for key, kinds in t.items():
+                assert list(kinds) == list(stats["outputs"][task]["kinds"])
+                for kind, data in kinds.items():
+                    header, arr = labels.decode_with_header(data)
+                    assert tuple(header["image_size"]) == images[key] and header["orientation"] == 1
+                    assert arr.shape[:2] == labels.label_shape(images[key], 0.5)
+    assert stats["outputs"]["normal"]["kinds"] == ["normal", "normal_conf"]
     marker = json.loads(stats_path(tmp_path, shard.stem).read_text())
     assert marker["ok"] == 8 and marker["outputs"]["seg"]["sha256"] == stats["outputs"]["seg"]["sha256"]
     assert sum(marker["class_pixels"]) + marker["ignore_pixels"] == sum(
@@ -185,7 +178,7 @@ def _damaged_dir(sample_dir: Path, root: Path) -> dict[str, list[str]]:
     raw = src[0].read_bytes()
     # cut in the middle of the archive: the samples before the damage are kept
     (root / "00000.tar").write_bytes(raw[: len(raw) * 3 // 5])
-    members = label_members(src[1])
+    members = tar_members(src[1])
     bad = []
     for name, data in members:
         if name == "000010001.jpg":
@@ -206,18 +199,22 @@ def test_damaged_shards_complete_with_skips_recorded(sample_dir, null_experts, t
     assert 0 < len(expected["00000.tar"]) < 8 and len(expected["00001.tar"]) == 5
     out = tmp_path / "out"
     reasons = {}
+    damage = {}
     for shard in sorted((tmp_path / "src").glob("*.tar")):
         stats = process_shard(shard, out, null_experts, _cfg())
         reasons[shard.stem] = {(s["key"], s["reason"]) for s in stats["skips"]}
+        damage[shard.stem] = [d["reason"] for d in stats["shard_damage"]]
         assert stats["ok"] == len(expected[shard.name])
+        assert stats["samples"] == stats["ok"] + stats["skipped"]
         for task in labels.TASKS:
             assert label_keys(out / task / shard.name) == expected[shard.name]
-    assert (None, "truncated_tar") in reasons["00000"]
+    assert damage == {"00000": ["truncated_tar"], "00001": [], "00002": ["empty_tar"]}
+    assert {r for _, r in reasons["00000"]} <= {"incomplete_sample"}  # the sample the cut went through
     got = dict(reasons["00001"])
     assert set(got) == {"000010001", "000010003", "000010005"}
     assert got["000010001"] == "truncated_image" and got["000010005"] == "missing_caption"
     assert got["000010003"] in ("truncated_image", "not_an_image")
-    assert reasons["00002"] == {(None, "empty_tar")}
+    assert reasons["00002"] == set()
 
 
 class _FailOn:
@@ -288,6 +285,8 @@ def test_smoke_labels_fixture_is_the_job_output(sample_dir, smoke_labels):
     m = json.loads((smoke_labels / "_manifest.json").read_text())
     assert m["format_version"] == labels.FORMAT_VERSION
     assert m["counts"]["ok"] == 16 and m["counts"]["skipped"] == 0 and m["counts"]["shards"] == 2
+    assert m["counts"]["samples"] == 16 and m["counts"]["shard_damage"] == {}
+    assert m["kinds"] == {"seg": ["seg"], "depth": ["depth"], "normal": ["normal", "normal_conf"]}
     assert m["config"]["profile"] == PROFILE and m["config"]["label_scale"] == 0.5
     assert m["run"] == {"batch_size": 8, "torch_threads": 1} and m["run_differs_in_shards"] == []
     assert set(m["experts"]) == set(labels.TASKS)
@@ -303,9 +302,9 @@ def test_smoke_labels_fixture_is_the_job_output(sample_dir, smoke_labels):
         for _, row in df.iterrows():
             p = smoke_labels / task / f"{row['shard']}.tar"
             assert row[f"{task}_bytes"] == p.stat().st_size
-            from pipeline.shards import sha256_file
+            from pipeline.storage import sha256
 
-            assert row[f"{task}_sha256"] == sha256_file(p)
+            assert row[f"{task}_sha256"] == sha256(p)
 
 
 @pytest.mark.timeout(120)

@@ -185,7 +185,8 @@ def test_damaged_shards_job_completes_with_skips(sample_dir, tmp_path, ray_local
     m = json.loads((out / "_manifest.json").read_text())
     assert m["counts"]["ok"] == sum(len(k) for k in expected.values())
     reasons = m["counts"]["skip_reasons"]
-    assert reasons["truncated_tar"] == 1 and reasons["empty_tar"] == 1
+    assert m["counts"]["shard_damage"] == {"truncated_tar": 1, "empty_tar": 1}
+    assert m["counts"]["samples"] == m["counts"]["ok"] + m["counts"]["skipped"]
     assert reasons["missing_caption"] == 1
     assert reasons.get("truncated_image", 0) + reasons.get("not_an_image", 0) == 2
     skips = json.loads(stats_path(out, "00001").read_text())["skips"]

@@ -9,8 +9,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline.shards import (Sample, Skip, decode_image, iter_samples, sha256_file, tar_bytes,
-                             write_tar_atomic)
+from pipeline.shards import Sample, Skip, decode_image, iter_samples, tar_bytes
+from pipeline.storage import sha256, write_tar_atomic
 
 
 def jpeg(arr, **kw) -> bytes:
@@ -26,12 +26,17 @@ def png(img: Image.Image) -> bytes:
 
 
 def raw_tar(path, members):
-    """Like tar_bytes but without its safety check, to build hostile archives."""
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
+    """Like tar_bytes but without its safety check, to build hostile archives. A member is
+    (name, bytes) or a ready TarInfo (links, devices); ``path`` may be a file object."""
+    where = {"fileobj": path} if hasattr(path, "write") else {"name": path}
+    with tarfile.open(mode="w", format=tarfile.GNU_FORMAT, **where) as tar:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m)
+                continue
+            ti = tarfile.TarInfo(m[0])
+            ti.size = len(m[1])
+            tar.addfile(ti, io.BytesIO(m[1]))
     return path
 
 
@@ -155,7 +160,8 @@ def test_unsafe_member_names_never_touch_the_filesystem(tmp_path, astronaut):
     members = [("../evil.jpg", img), ("../evil.txt", b"x"), ("/abs/evil.jpg", img)] + sample_members("ok", img)
     samples, skips = read_all(raw_tar(work / "s.tar", members))
     assert list(samples) == ["ok"]
-    assert [s.reason for s in skips] == ["unsafe_member_name"] * 3
+    # counted per sample: "../evil" (2 members) and "/abs/evil"
+    assert [(s.key, s.reason) for s in skips] == [("../evil", "unsafe_member_name"), ("/abs/evil", "unsafe_member_name")]
     assert not (tmp_path / "deep" / "evil.jpg").exists() and not (tmp_path / "abs").exists()
     with pytest.raises(ValueError, match="unsafe"):
         tar_bytes([("../x.jpg", b"")])
@@ -184,7 +190,7 @@ def test_writer_is_atomic_and_deterministic(tmp_path):
     members = [("k.txt", b"hello"), ("k.json", json.dumps({"a": 1}).encode())]
     sha1, size1 = write_tar_atomic(tmp_path / "a.tar", members)
     sha2, _ = write_tar_atomic(tmp_path / "b.tar", members)
-    assert sha1 == sha2 == sha256_file(tmp_path / "a.tar") and size1 % 512 == 0
+    assert sha1 == sha2 == sha256(tmp_path / "a.tar") and size1 % 512 == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "b.tar"]  # no temp left behind
 
     def broken():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shards import write_tar_atomic
+from pipeline.storage import write_tar_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 50
@@ -224,8 +224,8 @@ def test_missing_and_mismatched_label_keys_are_skipped_and_counted(sample_dir, s
     assert rc == 0
     skipped = _metrics(tmp_path / "run")[-1]["skipped"]
     assert skipped.get("missing_depth", 0) >= 1 and skipped.get("missing_seg", 0) >= 1
-    assert skipped.get("orphan_seg", 0) >= 1 and skipped.get("samples_skipped", 0) >= 2
-    assert set(skipped) <= {"missing_depth", "missing_seg", "orphan_seg", "samples_skipped"}, skipped
+    assert skipped.get("extra_seg", 0) >= 1 and skipped.get("samples_skipped", 0) >= 2
+    assert set(skipped) <= {"missing_depth", "missing_seg", "extra_seg", "samples_skipped"}, skipped
 
 
 @pytest.mark.timeout(300)

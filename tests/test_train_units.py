@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pipeline import labels as L
-from pipeline.shards import iter_records, write_tar_atomic
+from pipeline.shards import iter_records
+from pipeline.storage import write_tar_atomic
 from trainer import data as D
 from trainer import losses, params
 
@@ -91,7 +92,7 @@ def test_join_skips_and_counts_every_mismatch(sample_dir, smoke_labels, tmp_path
             counts[i[1]] = counts.get(i[1], 0) + 1
     bad = set(keys[1:3]) | {keys[4]} | set(keys[5:])
     assert [r["key"] for r in recs] == [k for k in keys if k not in bad]
-    assert counts == {"missing_depth": 2, "missing_seg": 1, "orphan_seg": 1,
+    assert counts == {"missing_depth": 2, "missing_seg": 1, "extra_seg": 1,
                       "missing_normal": len(keys) - 5, "samples_skipped": len(bad)}
     stored = {t: dict(_members(root / t / shard.name)) for t in tars}
     for r in recs:  # every kept record carries exactly its own key's label bytes
@@ -115,8 +116,8 @@ def test_join_survives_a_truncated_source(sample_dir, smoke_labels, tmp_path):
     n_rec = sum(isinstance(i, dict) for i in items)
     reasons = [i[1] for i in items if isinstance(i, tuple)]
     assert 0 < n_rec < len(_keys(shard))
-    assert "source_read_error" in reasons or "missing_caption" in reasons or n_rec < len(_keys(shard))
-    assert reasons.count("orphan_seg") >= len(_keys(shard)) - n_rec - 1  # labels of the lost samples counted
+    assert "truncated_tar" in reasons  # the damage is reported, not silently a shorter shard
+    assert reasons.count("extra_seg") >= len(_keys(shard)) - n_rec - 1  # labels of the lost samples counted
 
 
 # ---- one geometric augmentation for image and labels ---------------------------------------------

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pipeline.shards import write_bytes_atomic
+from pipeline.storage import open_write_atomic, write_bytes_atomic
+
+
+VERSION = 2  # 2: data.skips is {reason: count} (1: a list in the order of V1_SKIP_REASONS)
+V1_SKIP_REASONS = ("samples_skipped", "bad_image", "missing_caption", "source_read_error", "label_read_error",
+                   "missing_seg", "missing_depth", "missing_normal", "orphan_seg", "orphan_depth",
+                   "orphan_normal", "bad_seg", "bad_depth", "bad_normal")
 
 
 class CheckpointError(RuntimeError):
@@ -31,17 +36,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def torch_save_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open_write_atomic(path) as f:
+        torch.save(obj, f)
 
 
 def has_checkpoints(run_dir: Path) -> bool:
@@ -82,7 +78,7 @@ def set_rng_state(s: dict) -> None:
 
 
 def save(run_dir: Path, step: int, *, distributed: bool, main: bool, model, optimizer, scaler, config: dict,
-         arch: dict, scheduler: dict, data: dict, keep: int = 2) -> Path:
+         arch: dict, data: dict, keep: int = 2) -> Path:
     """Collective: every rank contributes its RNG state and data positions; rank 0 writes."""
     mine = {"rng": rng_state(), "positions": [list(p) for p in data["positions"]]}
     if distributed:
@@ -93,8 +89,8 @@ def save(run_dir: Path, step: int, *, distributed: bool, main: bool, model, opti
     d = Path(run_dir) / "checkpoints"
     path = d / f"step_{step:08d}.pt"
     if main:
-        state = {"version": 1, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler, "scaler": scaler.state_dict(), "config": config, "arch": arch,
+        state = {"version": VERSION, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "config": config, "arch": arch,
                  "data": {**data, "positions": [g["positions"] for g in gathered]},
                  "rng": [g["rng"] for g in gathered]}
         torch_save_atomic(state, path)
@@ -107,10 +103,18 @@ def save(run_dir: Path, step: int, *, distributed: bool, main: bool, model, opti
 
 
 def load(path: Path) -> dict:
+    """A checkpoint as the current version's layout (older versions are converted)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which one
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+    version = state.get("version") if isinstance(state, dict) else None
+    if version not in (1, VERSION):
+        raise CheckpointError(f"checkpoint {path} has version {version!r}; this trainer reads 1 and {VERSION}")
+    if version == 1:  # the skip counters by name; the reader now calls orphan label keys "extra"
+        names = [r.replace("orphan_", "extra_") for r in V1_SKIP_REASONS]
+        state["data"]["skips"] = dict(zip(names, state["data"]["skips"]))
+    return state
 
 
 def check_compatible(saved: dict, current: dict) -> None:

@@ -4,9 +4,9 @@ Pipeline of one (rank, stream) — a stream is what one DataLoader worker reads:
 
     chunk c: K shards (drawn with replacement in resampled mode, else an epoch-shuffled split of the
              shards by rank and stream) read by webdataset and interleaved
-      -> per shard: strict join with <labels>/<task>/<shard>.tar by key, through each label tar's
-         header index (a missing, mismatched or orphan label key is skipped and counted; nothing is
-         zipped by position)
+      -> per shard: strict join with <labels>/<task>/<shard>.tar by key (``cliptex_labels.join_shard``,
+         the project's one reader of label tars: a missing, repeated or extra key is skipped and
+         counted; nothing is zipped by position)
       -> webdataset shuffle buffer (seeded by seed/rank/stream/chunk)
       -> variable-resolution batches: step s has shape (h, w, batch) drawn by corenet's rule from a
          seed shared by all ranks, so every rank sees the same batch size (the global contrastive
@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import random
 import tarfile
 import time
@@ -35,15 +34,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from cliptex_labels import reader as LR
+from cliptex_labels.images import IMAGE_EXTS, open_image
 from pipeline import labels as L
-from pipeline.shards import IMAGE_EXTS, open_image
 
 log = logging.getLogger(__name__)
 
-TASK_KINDS = {"seg": ["seg"], "depth": ["depth"], "normal": ["normal"]}
-REASONS = ("samples_skipped", "bad_image", "missing_caption", "source_read_error", "label_read_error",
-           "missing_seg", "missing_depth", "missing_normal", "orphan_seg", "orphan_depth", "orphan_normal",
-           "bad_seg", "bad_depth", "bad_normal")
+# the kind the trainer reads from each tree: the task's own map (kappa is added for the
+# kappa-weighted normal loss)
+TASK_KINDS = {t: [L.kinds_of(t)[0]] for t in L.TASKS}
+# what the skip counters count (per reason): "samples_skipped" = source samples not used, each once;
+# the rest are the reader's reasons (cliptex_labels.reader.join_reasons)
+REASONS = ("samples_skipped", *LR.join_reasons(L.TASKS))
 R = {r: i for i, r in enumerate(REASONS)}
 MAX_CONSECUTIVE_SKIPS = 5000
 
@@ -136,88 +138,6 @@ def step_shape(pairs: list, seed: int, step: int) -> tuple[int, int, int]:
 # reading and joining by key
 
 
-def _tar_groups(path: str, errors: list) -> Iterator[dict]:
-    """webdataset: tar stream -> samples grouped by key. Read errors are appended to ``errors``."""
-    import webdataset as wds
-
-    def handler(exn):
-        errors.append(exn)
-        return True
-
-    streams = wds.tariterators.url_opener([{"url": str(path)}], handler=handler)
-    files = wds.tariterators.tar_file_expander(streams, handler=handler)
-    return wds.tariterators.group_by_keys(files, handler=handler)
-
-
-@functools.lru_cache(maxsize=32)
-def label_index(path: str, mtime_ns: int = 0) -> tuple[dict, int]:
-    """``{key: {suffix: (offset, size)}}`` of a label tar, from its headers only (tarfile seeks over
-    the bodies), and the number of duplicate members. Keys and suffixes are split as webdataset does.
-    Stops quietly at damage: members after it count as missing. Cached per worker (resampled streams
-    reopen the same shards); ``mtime_ns`` ties the cache to the file's version."""
-    import webdataset as wds
-
-    index: dict[str, dict[str, tuple[int, int]]] = {}
-    dups = 0
-    try:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if not m.isreg():
-                    continue
-                key, suffix = wds.tariterators.base_plus_ext(m.name)
-                if key is None:
-                    continue
-                entry = index.setdefault(key, {})
-                if suffix.lower() in entry:
-                    dups += 1
-                    continue
-                entry[suffix.lower()] = (m.offset_data, m.size)
-    except (tarfile.TarError, OSError, EOFError):
-        pass
-    return index, dups
-
-
-class _LabelTar:
-    """One label tar, read by key: a source sample takes its own members (and only once); a label key
-    no source sample asked for is an orphan. No assumption about order, nothing matched by position."""
-
-    def __init__(self, path: str):
-        self.errors = 0
-        try:
-            self.index, self.orphans = label_index(str(path), os.stat(path).st_mtime_ns)
-            self.fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            self.index, self.orphans, self.fd, self.errors = {}, 0, None, 1
-        self.used: set[str] = set()
-
-    def take(self, key: str, kinds: list[str]) -> dict | None:
-        entry = self.index.get(key)
-        if entry is None or key in self.used:
-            return None
-        self.used.add(key)
-        members = {}
-        for kind in kinds:
-            loc = entry.get(f"{kind}.{L.MEMBER_EXT}")
-            if loc is None:
-                return None
-            try:
-                members[kind] = os.pread(self.fd, loc[1], loc[0])
-            except OSError:
-                self.errors += 1
-                return None
-            if len(members[kind]) != loc[1]:
-                self.errors += 1
-                return None
-        return members
-
-    def finish(self) -> None:
-        self.orphans += len(set(self.index) - self.used)
-        self.used = set(self.index)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def _skip(reason: str) -> tuple:
     return ("__skip__", reason)
 
@@ -225,48 +145,17 @@ def _skip(reason: str) -> tuple:
 def join_shard(source: str, label_tars: dict[str, str], kinds: dict[str, list[str]]) -> Iterator[dict | tuple]:
     """Yield, in source order, records ``{"key", "img", "txt", "labels": {task: {kind: bytes}}}`` of
     source samples that have every selected label kind, and ``("__skip__", reason)`` for everything
-    that could not be used (counted by the batcher). The source shard is streamed by webdataset; the
-    label tars are read by key through their header index."""
-    src_errors: list = []
-    trees = {t: _LabelTar(p) for t, p in label_tars.items()}
-    try:
-        for t, lt in trees.items():
-            for _ in range(lt.errors):
-                yield _skip("label_read_error")
-            lt.errors = 0
-        for s in _tar_groups(source, src_errors):
-            while src_errors:
-                src_errors.pop()
-                yield _skip("source_read_error")
-            key = s["__key__"]
-            ext = next((e for e in IMAGE_EXTS if e in s), None)
-            rec = {"key": key, "img": s.get(ext) if ext else None, "txt": s.get("txt"), "labels": {}}
-            missing = []
-            for t, lt in trees.items():
-                members = lt.take(key, kinds[t])
-                if members is None:
-                    missing.append(t)
-                else:
-                    rec["labels"][t] = members
-            if missing:
-                for t in missing:
-                    yield _skip(f"missing_{t}")
-                yield _skip("samples_skipped")
-                continue
-            yield rec
-        for _ in src_errors:
-            yield _skip("source_read_error")
-        for t, lt in trees.items():  # label records no source sample asked for
-            lt.finish()
-            for _ in range(lt.orphans):
-                yield _skip(f"orphan_{t}")
-            for _ in range(lt.errors):
-                yield _skip("label_read_error")
-    finally:
-        for lt in trees.values():
-            if lt.fd is not None:
-                os.close(lt.fd)
-                lt.fd = None
+    that could not be used (counted by the batcher; a source sample not used also counts once under
+    "samples_skipped"). The join itself is ``cliptex_labels.join_shard``."""
+    for item in LR.join_shard(source, label_tars, kinds):
+        if isinstance(item, LR.Joined):
+            ext = next((e for e in IMAGE_EXTS if e in item.members), None)
+            yield {"key": item.key, "img": item.members[ext] if ext else None, "txt": item.members.get("txt"),
+                   "labels": item.labels}
+            continue
+        yield _skip(item.reason)
+        if item.key is not None and not item.reason.startswith("extra_"):
+            yield _skip("samples_skipped")
 
 
 def _roundrobin(iters: list[Iterator]) -> Iterator:
@@ -342,17 +231,19 @@ def load_sample(rec: dict, h: int, w: int, lh: int, lw: int, rng: random.Random,
     ``<kind>_lo``/``<kind>_scale``, octahedral normal codes) — a quarter to a sixth of the float bytes
     through the DataLoader's shared memory; ``labels_to_values`` converts them on the device."""
     if rec["img"] is None:
-        raise SampleError("bad_image")
+        raise SampleError("missing_image")
     try:
-        img, _ = open_image(rec["img"])
-    except ValueError:
-        raise SampleError("bad_image") from None
+        img = open_image(rec["img"])[0]
+    except ValueError as e:
+        raise SampleError(e.args[0]) from None
+    if rec["txt"] is None:
+        raise SampleError("missing_caption")
     try:
-        caption = (rec["txt"] or b"").decode("utf-8").strip()
+        caption = rec["txt"].decode("utf-8").strip()
     except UnicodeDecodeError:
         caption = ""
     if not caption:
-        raise SampleError("missing_caption")
+        raise SampleError("invalid_caption")
     W, H = img.size
     box = rrc_box(H, W, h, w, crop_scale, crop_ratio, rng)
     flip = rng.random() < hflip
@@ -532,7 +423,7 @@ class TrainStream(IterableDataset):
     def make_batch(self, step: int, items: Iterator, stream: int) -> dict:
         c = self.cfg
         h, w, bs = step_shape(self.pairs, self.seed, step)
-        lh, lw = max(1, round(h * c.label_scale)), max(1, round(w * c.label_scale))
+        lh, lw = L.label_shape((h, w), c.label_scale)
         rng = random.Random(f"{self.seed}/aug/{self.rank}/{step}")
         counts = [0] * len(REASONS)
         # the batch is allocated once and every sample is written into its slot (no stacking copies)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SEG_IGNORE = 255
+from pipeline.labels import SEG_IGNORE
 
 
 def _zero(pred: torch.Tensor) -> torch.Tensor:

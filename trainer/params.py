@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.labels import TASKS  # noqa: F401 - the label trees the trainer knows
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-TASKS = ("seg", "depth", "normal")  # the label trees the trainer knows (pipeline.labels.TASKS)
 
 
 class ConfigError(ValueError):

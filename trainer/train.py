@@ -131,7 +131,6 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
 
     profile = Path(args.config).stem if args.config else args.profile
     run_dir = Path(args.run_dir or f"runs/{name}-{profile}-{'+'.join(cfg.tasks) or 'clipft'}")
-    ckpt_dir = run_dir / "checkpoints"
     resume_path = ckpt.find(run_dir, args.resume) if args.resume else None
     if not args.resume and ckpt.has_checkpoints(run_dir):
         raise params.ConfigError(f"{run_dir} already holds a run; continue it with --resume latest "
@@ -163,7 +162,7 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
         scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
         dstate = state["data"]
-        skip_totals = torch.tensor(dstate["skips"], dtype=torch.float64)
+        skip_totals = torch.tensor([dstate["skips"].get(r, 0) for r in D.REASONS], dtype=torch.float64)
         if dstate["world_size"] == world and dstate["num_streams"] == num_streams:
             positions, data_seed = dstate["positions"][rank], dstate["seed"]
             ckpt.set_rng_state(state["rng"][rank])
@@ -297,9 +296,9 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
             last_ckpt = ckpt.save(run_dir, done, distributed=distributed, main=main_proc, model=model,
                                   optimizer=optimizer, scaler=scaler, config=cfg.to_dict(),
                                   arch={"model_cfg": model_cfg, "preprocess": preprocess},
-                                  scheduler={"step": done, "total_steps": total_steps},
                                   data={"world_size": world, "num_streams": num_streams, "seed": data_seed,
-                                        "positions": stream_pos, "skips": skip_totals.tolist()},
+                                        "positions": stream_pos,
+                                        "skips": {r: v for r, v in zip(D.REASONS, skip_totals.tolist()) if v}},
                                   keep=cfg.run.keep_checkpoints)
     pbar.close()
     if writer:
