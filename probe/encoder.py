@@ -1,0 +1,150 @@
+"""The frozen image encoder under evaluation, from any of the places a user has one:
+
+    --ckpt runs/<run>/export       our export (``python -m trainer.train --export`` / ``trainer.export``)
+    --ckpt runs/<run>              a trainer run directory (its latest checkpoint)
+    --ckpt runs/<run>/checkpoints/step_00001000.pt   one trainer checkpoint
+    --ckpt /path/open_clip_pytorch_model.bin --arch ViT-B-16   an open_clip state dict
+    --ckpt openai --arch ViT-B-16  an open_clip pretrained tag (from the local cache; never a download
+                                   prompt offline: ``trainer.model.PretrainedUnavailable``, exit 2)
+    --ckpt none --arch ViT-B-16    random weights (a floor for the probes; smoke tests)
+
+Dense features come from the trainer's ``CLIPTeX.encode_image`` (ViT patch tokens after ln_post,
+or the ResNet's last stage) built with no task heads, so any input size works (the position
+embedding is interpolated on the fly). ``tasks`` records which pseudo-label tasks the encoder was
+trained with when that is known (trainer runs and their exports): it places a run in Table 5.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class EncoderError(RuntimeError):
+    """The encoder cannot be loaded; the message says what was given and what is expected."""
+
+
+@dataclass
+class Encoder:
+    clip: nn.Module                    # the open_clip model (image and text towers)
+    dense: nn.Module                   # trainer.model.CLIPTeX without heads: encode_image -> (pooled, dense)
+    mean: tuple
+    std: tuple
+    image_size: int                    # the model's own input size (classification, zero-shot)
+    tokenizer_name: str                # for open_clip.get_tokenizer
+    info: dict = field(default_factory=dict)
+
+    @property
+    def dense_channels(self) -> int:
+        v = self.clip.visual
+        return v.transformer.width if self.dense.is_vit else v.attnpool.k_proj.in_features
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.clip.text_projection.shape[1]) if getattr(self.clip, "text_projection", None) is not None \
+            else int(self.clip.visual.output_dim)
+
+
+def _tasks_of_run(run_dir: Path) -> list[str] | None:
+    """The pseudo-label tasks of a trainer run, from its config.yaml."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    doc = yaml.safe_load(path.read_text()) or {}
+    tasks = doc.get("tasks")
+    return list(tasks) if isinstance(tasks, list) else None
+
+
+def _image_size(model_cfg: dict) -> int:
+    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def _from_trainer_checkpoint(path: Path, state: dict) -> tuple:
+    from trainer import params
+    from trainer.model import build_model
+
+    cfg = params.from_dict(state["config"])
+    model, model_cfg, pp = build_model(cfg, saved=state["arch"])
+    model.load_state_dict(state["model"])
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    info = {"kind": "trainer", "source": str(path), "arch": cfg.model.arch, "tasks": list(cfg.tasks),
+            "name": run_dir.name, "step": state.get("step")}
+    return model.clip, model_cfg, pp, cfg.model.arch, info
+
+
+def _from_export(export_dir: Path) -> tuple:
+    import open_clip
+
+    from trainer.model import register_model_configs
+
+    register_model_configs()
+    meta = json.loads((export_dir / "export.json").read_text())
+    conf = json.loads((export_dir / "open_clip_config.json").read_text())
+    clip = open_clip.create_model(f"local-dir:{export_dir}")
+    pp = conf.get("preprocess_cfg", {})
+    run_dir = export_dir.parent
+    info = {"kind": "export", "source": str(export_dir), "arch": meta.get("arch"), "tasks": _tasks_of_run(run_dir),
+            "name": run_dir.name if (run_dir / "config.yaml").is_file() else export_dir.name}
+    return clip, conf["model_cfg"], pp, f"local-dir:{export_dir}", info
+
+
+def load_encoder(ckpt: str, arch: str | None = None, model_config_dir: str | None = None,
+                 device: torch.device | str = "cpu", seed: int = 0) -> Encoder:
+    from trainer import checkpoint as ckpt_mod
+    from trainer.model import CLIPTeX, create_clip
+
+    if not ckpt:
+        raise EncoderError("no encoder given: pass --ckpt (an export folder, a trainer run or checkpoint, an "
+                           "open_clip checkpoint file or tag with --arch, or 'none' with --arch)")
+    p = Path(ckpt)
+    if p.is_dir() and (p / "export.json").is_file():
+        clip, model_cfg, pp, tok, info = _from_export(p)
+    elif p.is_dir() and (p / "checkpoints").is_dir():
+        found = ckpt_mod.find(p, "latest")
+        if found is None:
+            raise EncoderError(f"trainer run {p} has no checkpoint yet")
+        clip, model_cfg, pp, tok, info = _from_trainer_checkpoint(found, ckpt_mod.load(found))
+    elif p.is_dir():
+        raise EncoderError(f"{p} is neither an export folder (export.json) nor a trainer run (checkpoints/)")
+    else:
+        state = None
+        if p.is_file():
+            try:
+                state = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # a foreign or truncated file: say which one
+                raise EncoderError(f"cannot read checkpoint {p}: {e}") from None
+        if isinstance(state, dict) and {"model", "arch", "config"} <= set(state):
+            clip, model_cfg, pp, tok, info = _from_trainer_checkpoint(p, state)
+        else:
+            if not arch:
+                raise EncoderError(f"--ckpt {ckpt!r} needs --arch (the open_clip model name, e.g. ViT-B-16)")
+            pretrained = None if ckpt.lower() in ("none", "random", "null") else ckpt
+            if pretrained is None:
+                torch.manual_seed(seed)  # random weights: the same floor every time
+            clip, model_cfg, pp = create_clip(arch, pretrained, None, model_config_dir)
+            tok = arch
+            info = {"kind": "random" if pretrained is None else ("file" if p.is_file() else "open_clip"),
+                    "source": ckpt, "arch": arch, "tasks": None,
+                    "name": f"{arch}-{'random' if pretrained is None else Path(ckpt).stem if p.is_file() else ckpt}"}
+    clip.eval().requires_grad_(False)
+    dense = CLIPTeX(clip, [])
+    dense.eval().requires_grad_(False)
+    import open_clip
+
+    mean = tuple(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(pp.get("std") or open_clip.OPENAI_DATASET_STD)
+    enc = Encoder(clip=clip, dense=dense, mean=mean, std=std, image_size=_image_size(model_cfg),
+                  tokenizer_name=tok, info=info)
+    enc.clip.to(device)
+    return enc
+
+
+def describe(enc: Encoder) -> dict:
+    """What metrics.json records about the encoder."""
+    return {**enc.info, "image_size": enc.image_size, "dense_channels": enc.dense_channels}
