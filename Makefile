@@ -11,13 +11,20 @@ NPROC ?= 2
 TSV ?=
 TASKS ?=
 RUN ?=
+TASK ?= seg
+HEAD ?= linear
+DATA ?=
+CKPT ?=
+ARCH ?=
+RUNS ?= runs/probe runs/zeroshot
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: help install sample test pseudolabel train preview bench download clean
+.PHONY: help install sample test pseudolabel train preview bench download clean probe zeroshot probe-table
 
 help:
-	@echo 'targets: install sample test pseudolabel train preview bench download clean'
+	@echo 'targets: install sample test pseudolabel train preview bench download clean probe zeroshot probe-table'
 	@echo 'e.g. make pseudolabel SHARDS=sample PROFILE=smoke; make train SHARDS=sample PROFILE=smoke STEPS=50'
+	@echo '     make probe TASK=seg HEAD=linear DATA=/data/VOC CKPT=runs/<run>/export; make zeroshot DATA=... CKPT=...'
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +56,18 @@ preview: install
 
 bench: install sample
 	$(OFFLINE) $(PY) -m bench.run
+
+# frozen-encoder probes and zero-shot evaluation (docs/PROBE.md); datasets and weights by path, never downloaded
+probe: install
+	$(OFFLINE) $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m probe --task $(TASK) \
+	  --head $(HEAD) --data "$(DATA)" --ckpt "$(CKPT)" --profile $(PROFILE) --resume latest \
+	  $(if $(ARCH),--arch $(ARCH)) $(if $(RUN),--run-dir $(RUN))
+
+zeroshot: install
+	$(OFFLINE) $(PY) -m probe.zeroshot --data "$(DATA)" --ckpt "$(CKPT)" $(if $(ARCH),--arch $(ARCH))
+
+probe-table: install
+	$(PY) -m probe.table $(RUNS)
 
 download: install
 	$(PY) -m pipeline.download --shards $(SHARDS) --tsv "$(TSV)"

@@ -168,6 +168,8 @@ def _paired(images: list[Path], label_dir: Path, ext: str = ".png") -> tuple[lis
 
 def open_source(task: str, data: str | Path, split: str | None, train: bool) -> Source:
     """The file list of one split of the dataset at ``data`` for ``task``; DatasetError if absent."""
+    if not str(data).strip():
+        raise layout_error(task, Path(""), "no dataset given (--data, or DATA= for make)")
     root = Path(data)
     if not root.exists():
         raise layout_error(task, root, "the path does not exist")

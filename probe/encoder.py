@@ -97,7 +97,7 @@ def _from_export(export_dir: Path) -> tuple:
 def load_encoder(ckpt: str, arch: str | None = None, model_config_dir: str | None = None,
                  device: torch.device | str = "cpu", seed: int = 0) -> Encoder:
     from trainer import checkpoint as ckpt_mod
-    from trainer.model import CLIPTeX, create_clip
+    from trainer.model import CLIPTeX, PretrainedUnavailable, create_clip
 
     if not ckpt:
         raise EncoderError("no encoder given: pass --ckpt (an export folder, a trainer run or checkpoint, an "
@@ -127,7 +127,11 @@ def load_encoder(ckpt: str, arch: str | None = None, model_config_dir: str | Non
             pretrained = None if ckpt.lower() in ("none", "random", "null") else ckpt
             if pretrained is None:
                 torch.manual_seed(seed)  # random weights: the same floor every time
-            clip, model_cfg, pp = create_clip(arch, pretrained, None, model_config_dir)
+            try:
+                clip, model_cfg, pp = create_clip(arch, pretrained, None, model_config_dir)
+            except PretrainedUnavailable as e:  # the trainer's advice names its own flags
+                raise EncoderError(str(e).split(" Download it")[0] + " Download it where there is internet and "
+                                   f"pass the file: --ckpt /path/to/file --arch {arch}.") from None
             tok = arch
             info = {"kind": "random" if pretrained is None else ("file" if p.is_file() else "open_clip"),
                     "source": ckpt, "arch": arch, "tasks": None,

@@ -240,6 +240,10 @@ def _probe(args, distributed, rank, world, local_rank, device) -> int:
             ckpt.set_rng_state(state["rng"][rank])
         log.info("resumed from %s at step %d", resume_path, start_step)
     metrics_path, log_path = run_dir / "metrics.json", run_dir / "train.jsonl"
+    if start_step >= total_steps and metrics_path.is_file():
+        if main_proc:
+            log.info("nothing to do: %s is complete (%d steps); its metrics: %s", run_dir, start_step, metrics_path)
+        return 0
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.truncate_metrics(log_path, start_step)
@@ -306,6 +310,9 @@ def _probe(args, distributed, rank, world, local_rank, device) -> int:
         return 0
 
     # ---- evaluation ----------------------------------------------------------------------------
+    if distributed:  # batch-norm statistics: DDP broadcasts rank 0's before each forward, so after the last
+        for buf in head.buffers():  # step every rank holds its own; evaluate with rank 0's (the checkpoint's)
+            dist.broadcast(buf, 0)
     metrics = evaluate(task, enc, head, val_ds, cfg, rank, world, device, autocast, progress=main_proc)
     if main_proc:
         main_metric = MAIN_METRIC[task]

@@ -1,4 +1,5 @@
 """Probe and zero-shot metrics and losses against values worked out by hand on tiny arrays."""
+import json
 import math
 
 import pytest
@@ -177,3 +178,61 @@ def test_topk_with_ties_and_fewer_classes_than_k():
     few = TopKMetric((1, 5))
     few.update(torch.tensor([[0.1, 0.3, 0.2]]), torch.tensor([0]))  # 3 classes: top-5 always holds
     assert few.compute() == {"top1": 0.0, "top5": 100.0, "num_images": 1}
+
+
+# ---- configuration (Table 9) and the gathered tables ------------------------------------------------
+
+# Table 9 of the paper: (epochs, warmup steps, warmup init LR, max LR, min LR, batch size)
+TABLE9 = {"seg": (50, 500, 1e-6, 3e-5, 3e-6, 32), "depth": (50, 1000, 1e-6, 1e-4, 1e-6, 16),
+          "normal": (50, 1000, 1e-6, 1e-5, 1e-6, 16), "cls": (40, 1000, 1e-6, 3e-5, 1e-6, 128)}
+
+
+@pytest.mark.parametrize("task", list(TABLE9))
+def test_probe_defaults_are_table9_and_overrides_use_the_trainer_syntax(task):
+    from probe.config import HEADS, ConfigError, load_probe_config
+
+    for head in HEADS[task]:
+        c = load_probe_config(task, head)
+        assert (c.optim.epochs, c.optim.warmup_steps, c.optim.warmup_init_lr, c.optim.lr, c.optim.min_lr,
+                c.data.batch_size) == TABLE9[task], head
+    c = load_probe_config(task, "linear", "smoke", overrides=["optim.lr=0.5", "head.channels=8", "data.scale_range=[1, 1]"])
+    assert c.optim.lr == 0.5 and c.head_cfg.channels == 8 and c.data.scale_range == [1, 1] and c.data.crop_size == 96
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_probe_config(task, "linear", overrides=["optim.lrr=1"])
+
+
+def _record(path, task, head, dataset, value, tasks, source, metric):
+    path.mkdir(parents=True)
+    key = {"seg": "mIoU", "depth": "AbsRel", "normal": "a<30", "cls": "top1"}[task]
+    (path / "metrics.json").write_text(json.dumps({
+        "task": task, "head": head, "dataset": dataset, "metric": key, "value": value, "metrics": {key: value, **metric},
+        "encoder": {"source": source, "name": source.split("/")[-1], "tasks": tasks}}))
+
+
+def test_table_places_runs_in_table5_rows_and_columns(tmp_path):
+    from probe.table import load_runs, render
+
+    r8, r1, clip = "runs/all3", "runs/clipft", "openai"
+    _record(tmp_path / "a", "seg", "linear", "voc2012", 73.43, ["seg", "depth", "normal"], r8, {})
+    _record(tmp_path / "b", "seg", "pspnet", "voc2012", 80.71, ["seg", "depth", "normal"], r8, {})
+    _record(tmp_path / "c", "depth", "linear", "nyuv2", 0.159, ["normal", "depth", "seg"], r8, {})
+    _record(tmp_path / "d", "normal", "pspnet", "nyuv2", 50.49, ["seg", "depth", "normal"], r8, {})
+    _record(tmp_path / "e", "seg", "linear", "voc2012", 62.47, [], r1, {})
+    _record(tmp_path / "f", "seg", "linear", "ade20k", 26.60, [], r1, {})
+    _record(tmp_path / "g", "depth", "pspnet", "nyuv2", 0.168, None, clip, {})
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "metrics.json").write_text(json.dumps({"task": "zeroshot_cls", "dataset": "imagenet", "metrics": {
+        "top1": 68.25, "top5": 90.0}, "encoder": {"source": r8, "name": "all3", "tasks": ["seg", "depth", "normal"]}}))
+    text = render(load_runs([tmp_path]))
+    table5 = text.split("### ")[1]
+    assert table5.startswith("Table 5")
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip("| ").split(" | ") for line in table5.splitlines()
+            if line.startswith("| R") or line.startswith("| openai")}
+    # columns: row, 3 experts, seg linear, seg pspnet, det x2, depth linear, depth pspnet, normal linear, normal pspnet
+    assert rows["R8"] == ["R8", "✓", "✓", "✓", "73.43", "80.71", "n/a", "n/a", "0.159", "–", "–", "50.49"]
+    assert rows["R1"][:6] == ["R1", "×", "×", "×", "62.47", "–"]
+    assert rows["openai"][1:4] == ["?", "?", "?"] and rows["openai"][9] == "0.168"
+    assert "Table 10" in text and "| R1 | × | × | × | 26.60 | – |" in text
+    assert "Table 4" in text and "68.25" in text
+    assert table5.index("| R1 |") < table5.index("| R8 |") < table5.index("| openai |")
+    assert "| R8 | voc2012 | seg | pspnet | mIoU | 80.71 |" in text  # the list of all runs
