@@ -73,7 +73,7 @@ def _from_trainer_checkpoint(path: Path, state: dict) -> tuple:
     model, model_cfg, pp = build_model(cfg, saved=state["arch"])
     model.load_state_dict(state["model"])
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    info = {"kind": "trainer", "source": str(path), "arch": cfg.model.arch, "tasks": list(cfg.tasks),
+    info = {"kind": "trainer", "source": str(path.resolve()), "arch": cfg.model.arch, "tasks": list(cfg.tasks),
             "name": run_dir.name, "step": state.get("step")}
     return model.clip, model_cfg, pp, cfg.model.arch, info
 
@@ -89,7 +89,7 @@ def _from_export(export_dir: Path) -> tuple:
     clip = open_clip.create_model(f"local-dir:{export_dir}")
     pp = conf.get("preprocess_cfg", {})
     run_dir = export_dir.parent
-    info = {"kind": "export", "source": str(export_dir), "arch": meta.get("arch"), "tasks": _tasks_of_run(run_dir),
+    info = {"kind": "export", "source": str(export_dir.resolve()), "arch": meta.get("arch"), "tasks": _tasks_of_run(run_dir),
             "name": run_dir.name if (run_dir / "config.yaml").is_file() else export_dir.name}
     return clip, conf["model_cfg"], pp, f"local-dir:{export_dir}", info
 
@@ -134,7 +134,7 @@ def load_encoder(ckpt: str, arch: str | None = None, model_config_dir: str | Non
                                    f"pass the file: --ckpt /path/to/file --arch {arch}.") from None
             tok = arch
             info = {"kind": "random" if pretrained is None else ("file" if p.is_file() else "open_clip"),
-                    "source": ckpt, "arch": arch, "tasks": None,
+                    "source": str(p.resolve()) if p.is_file() else ckpt, "arch": arch, "tasks": None,
                     "name": f"{arch}-{'random' if pretrained is None else Path(ckpt).stem if p.is_file() else ckpt}"}
     clip.eval().requires_grad_(False)
     dense = CLIPTeX(clip, [])
