@@ -30,7 +30,8 @@ class EncoderError(RuntimeError):
 @dataclass
 class Encoder:
     clip: nn.Module                    # the open_clip model (image and text towers)
-    dense: nn.Module                   # trainer.model.CLIPTeX without heads: encode_image -> (pooled, dense)
+    dense: nn.Module | None            # trainer.model.CLIPTeX without heads: encode_image -> (pooled, dense);
+                                       # None for towers it does not support (zero-shot still works)
     mean: tuple
     std: tuple
     image_size: int                    # the model's own input size (classification, zero-shot)
@@ -38,14 +39,21 @@ class Encoder:
     info: dict = field(default_factory=dict)
 
     @property
-    def dense_channels(self) -> int:
+    def dense_channels(self) -> int | None:
+        if self.dense is None:
+            return None
         v = self.clip.visual
         return v.transformer.width if self.dense.is_vit else v.attnpool.k_proj.in_features
 
     @property
     def embed_dim(self) -> int:
-        return int(self.clip.text_projection.shape[1]) if getattr(self.clip, "text_projection", None) is not None \
-            else int(self.clip.visual.output_dim)
+        return int(self.clip.visual.output_dim)
+
+    def require_dense(self) -> nn.Module:
+        if self.dense is None:
+            raise EncoderError(f"probes need dense features, which {self.info.get('arch')} does not give here: "
+                               f"{self.info.get('dense_error')}")
+        return self.dense
 
 
 def _tasks_of_run(run_dir: Path) -> list[str] | None:
@@ -137,8 +145,10 @@ def load_encoder(ckpt: str, arch: str | None = None, model_config_dir: str | Non
                     "source": str(p.resolve()) if p.is_file() else ckpt, "arch": arch, "tasks": None,
                     "name": f"{arch}-{'random' if pretrained is None else Path(ckpt).stem if p.is_file() else ckpt}"}
     clip.eval().requires_grad_(False)
-    dense = CLIPTeX(clip, [])
-    dense.eval().requires_grad_(False)
+    try:
+        dense = CLIPTeX(clip, []).eval().requires_grad_(False)
+    except ValueError as e:  # e.g. an attention-pooled ViT: no patch-token map
+        dense, info["dense_error"] = None, str(e)
     import open_clip
 
     mean = tuple(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN)

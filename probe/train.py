@@ -194,7 +194,7 @@ def _probe(args, distributed, rank, world, local_rank, device) -> int:
     # ---- encoder and head -----------------------------------------------------------------------
     with ckpt.rank0_first(distributed, local_rank == 0):
         enc = load_encoder(args.ckpt, args.arch, args.model_config_dir, device, cfg.run.seed)
-    enc.dense.to(device)
+    enc.require_dense().to(device)
     if task == "cls":
         train_ds = D.ClassificationDataset(train_src, True, enc.image_size, enc.mean, enc.std)
         val_ds = D.ClassificationDataset(val_src, False, enc.image_size, enc.mean, enc.std)

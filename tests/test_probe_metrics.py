@@ -195,7 +195,7 @@ def test_probe_defaults_are_table9_and_overrides_use_the_trainer_syntax(task):
         c = load_probe_config(task, head)
         assert (c.optim.epochs, c.optim.warmup_steps, c.optim.warmup_init_lr, c.optim.lr, c.optim.min_lr,
                 c.data.batch_size) == TABLE9[task], head
-    c = load_probe_config(task, "linear", "smoke", overrides=["optim.lr=0.5", "head.channels=8", "data.scale_range=[1, 1]"])
+    c = load_probe_config(task, "linear", "smoke", overrides=["optim.lr=5e-1", "head.channels=8", "data.scale_range=[1, 1]"])
     assert c.optim.lr == 0.5 and c.head_cfg.channels == 8 and c.data.scale_range == [1, 1] and c.data.crop_size == 96
     with pytest.raises(ConfigError, match="optim.lrr"):
         load_probe_config(task, "linear", overrides=["optim.lrr=1"])
