@@ -58,10 +58,12 @@ bench: install sample
 	$(OFFLINE) $(PY) -m bench.run
 
 # frozen-encoder probes and zero-shot evaluation (docs/PROBE.md); datasets and weights by path, never downloaded
+# --check first: a missing dataset or weight file is one error line (exit 2), not a torchrun failure report
+PROBE_ARGS = --task $(TASK) --head $(HEAD) --data "$(DATA)" --ckpt "$(CKPT)" --profile $(PROFILE) \
+  $(if $(ARCH),--arch $(ARCH)) $(if $(RUN),--run-dir $(RUN))
 probe: install
-	$(OFFLINE) $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m probe --task $(TASK) \
-	  --head $(HEAD) --data "$(DATA)" --ckpt "$(CKPT)" --profile $(PROFILE) --resume latest \
-	  $(if $(ARCH),--arch $(ARCH)) $(if $(RUN),--run-dir $(RUN))
+	@$(OFFLINE) $(PY) -m probe $(PROBE_ARGS) --check
+	$(OFFLINE) $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m probe $(PROBE_ARGS) --resume latest
 
 zeroshot: install
 	$(OFFLINE) $(PY) -m probe.zeroshot --data "$(DATA)" --ckpt "$(CKPT)" $(if $(ARCH),--arch $(ARCH))

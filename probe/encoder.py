@@ -16,6 +16,7 @@ trained with when that is known (trainer runs and their exports): it places a ru
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,48 +103,91 @@ def _from_export(export_dir: Path) -> tuple:
     return clip, conf["model_cfg"], pp, f"local-dir:{export_dir}", info
 
 
+def encoder_source(ckpt: str, arch: str | None) -> tuple[str, Path | str | None]:
+    """What ``--ckpt`` names, without loading weights: ("export", folder), ("trainer", checkpoint),
+    ("file", path: a trainer checkpoint or an open_clip state dict), ("open_clip", tag) or
+    ("random", None). Raises EncoderError with what is expected instead."""
+    from trainer import checkpoint as ckpt_mod
+
+    if not ckpt or not ckpt.strip():
+        raise EncoderError("no encoder given: pass --ckpt (an export folder, a trainer run or checkpoint, an "
+                           "open_clip checkpoint file or tag with --arch, or 'none' with --arch)")
+    p = Path(ckpt)
+    if p.is_dir() and (p / "export.json").is_file():
+        return "export", p
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        found = ckpt_mod.find(p, "latest")
+        if found is None:
+            raise EncoderError(f"trainer run {p} has no checkpoint yet")
+        return "trainer", found
+    if p.is_dir():
+        raise EncoderError(f"{p} is neither an export folder (export.json) nor a trainer run (checkpoints/)")
+    if p.is_file():
+        return "file", p
+    if os.sep in ckpt or ckpt.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise EncoderError(f"checkpoint {ckpt} does not exist")
+    if not arch:
+        raise EncoderError(f"--ckpt {ckpt!r} needs --arch (the open_clip model name, e.g. ViT-B-16)")
+    return ("random", None) if ckpt.lower() in ("none", "random", "null") else ("open_clip", ckpt)
+
+
+def check_encoder(ckpt: str, arch: str | None = None, model_config_dir: str | None = None) -> None:
+    """Fail fast, before any process group or model exists: the source exists, the architecture is
+    known and a pretrained tag's weights are in the local cache."""
+    import open_clip
+
+    from trainer.model import PretrainedUnavailable, register_model_configs, resolve_pretrained
+
+    kind, _ = encoder_source(ckpt, arch)
+    if kind in ("open_clip", "random"):
+        register_model_configs(model_config_dir)
+        if open_clip.get_model_config(arch) is None:
+            raise EncoderError(f"unknown open_clip model {arch!r} (--arch)")
+    if kind == "open_clip":
+        try:
+            resolve_pretrained(arch, ckpt)
+        except PretrainedUnavailable as e:
+            raise _offline_error(e, arch) from None
+
+
+def _offline_error(e: Exception, arch: str) -> EncoderError:
+    # the trainer's message ends with advice naming its own flags
+    return EncoderError(str(e).split(" Download it")[0] + " Download it where there is internet and "
+                        f"pass the file: --ckpt /path/to/file --arch {arch}.")
+
+
 def load_encoder(ckpt: str, arch: str | None = None, model_config_dir: str | None = None,
                  device: torch.device | str = "cpu", seed: int = 0) -> Encoder:
     from trainer import checkpoint as ckpt_mod
     from trainer.model import CLIPTeX, PretrainedUnavailable, create_clip
 
-    if not ckpt:
-        raise EncoderError("no encoder given: pass --ckpt (an export folder, a trainer run or checkpoint, an "
-                           "open_clip checkpoint file or tag with --arch, or 'none' with --arch)")
-    p = Path(ckpt)
-    if p.is_dir() and (p / "export.json").is_file():
-        clip, model_cfg, pp, tok, info = _from_export(p)
-    elif p.is_dir() and (p / "checkpoints").is_dir():
-        found = ckpt_mod.find(p, "latest")
-        if found is None:
-            raise EncoderError(f"trainer run {p} has no checkpoint yet")
-        clip, model_cfg, pp, tok, info = _from_trainer_checkpoint(found, ckpt_mod.load(found))
-    elif p.is_dir():
-        raise EncoderError(f"{p} is neither an export folder (export.json) nor a trainer run (checkpoints/)")
+    kind, where = encoder_source(ckpt, arch)
+    state = None
+    if kind == "export":
+        clip, model_cfg, pp, tok, info = _from_export(where)
+    elif kind == "trainer":
+        clip, model_cfg, pp, tok, info = _from_trainer_checkpoint(where, ckpt_mod.load(where))
     else:
-        state = None
-        if p.is_file():
+        if kind == "file":
             try:
-                state = torch.load(p, map_location="cpu", weights_only=True)
+                state = torch.load(where, map_location="cpu", weights_only=True)
             except Exception as e:  # a foreign or truncated file: say which one
-                raise EncoderError(f"cannot read checkpoint {p}: {e}") from None
+                raise EncoderError(f"cannot read checkpoint {where}: {e}") from None
         if isinstance(state, dict) and {"model", "arch", "config"} <= set(state):
-            clip, model_cfg, pp, tok, info = _from_trainer_checkpoint(p, state)
+            clip, model_cfg, pp, tok, info = _from_trainer_checkpoint(where, state)
         else:
             if not arch:
                 raise EncoderError(f"--ckpt {ckpt!r} needs --arch (the open_clip model name, e.g. ViT-B-16)")
-            pretrained = None if ckpt.lower() in ("none", "random", "null") else ckpt
-            if pretrained is None:
+            if kind == "random":
                 torch.manual_seed(seed)  # random weights: the same floor every time
             try:
-                clip, model_cfg, pp = create_clip(arch, pretrained, None, model_config_dir)
-            except PretrainedUnavailable as e:  # the trainer's advice names its own flags
-                raise EncoderError(str(e).split(" Download it")[0] + " Download it where there is internet and "
-                                   f"pass the file: --ckpt /path/to/file --arch {arch}.") from None
+                clip, model_cfg, pp = create_clip(arch, None if kind == "random" else ckpt, None, model_config_dir)
+            except PretrainedUnavailable as e:
+                raise _offline_error(e, arch) from None
             tok = arch
-            info = {"kind": "random" if pretrained is None else ("file" if p.is_file() else "open_clip"),
-                    "source": str(p.resolve()) if p.is_file() else ckpt, "arch": arch, "tasks": None,
-                    "name": f"{arch}-{'random' if pretrained is None else Path(ckpt).stem if p.is_file() else ckpt}"}
+            name = {"random": "random", "file": Path(ckpt).stem, "open_clip": ckpt}[kind]
+            info = {"kind": kind, "source": str(Path(ckpt).resolve()) if kind == "file" else ckpt, "arch": arch,
+                    "tasks": None, "name": f"{arch}-{name}"}
     clip.eval().requires_grad_(False)
     try:
         dense = CLIPTeX(clip, []).eval().requires_grad_(False)

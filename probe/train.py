@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from probe import datasets as D
 from probe.config import ConfigError, load_probe_config
-from probe.encoder import EncoderError, describe, load_encoder
+from probe.encoder import EncoderError, check_encoder, describe, load_encoder
 from probe.heads import build_dense_head, build_linear_classifier
 from probe.losses import angmf_nll_loss, ssi_loss
 from probe.metrics import DepthMetric, NormalMetric, SegMetric, TopKMetric, depth_valid_mask, disparity_to_depth
@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. optim.lr=1e-4")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", default=None, help="'latest' (of --run-dir) or a checkpoint path")
+    p.add_argument("--check", action="store_true", help="only check the config, the dataset layout and that the "
+                   "encoder's weights are there (no model is built; make probe runs it before torchrun)")
     return p.parse_args(argv)
 
 
@@ -190,6 +192,11 @@ def _probe(args, distributed, rank, world, local_rank, device) -> int:
     val_src = D.check_items(D.open_source(task, root, cfg.data.val_split, train=False), task, root, cfg.data.limit_val)
     if task == "seg" and train_src.num_classes != val_src.num_classes:
         raise D.DatasetError("training and validation splits come from different datasets")
+    if args.check:
+        check_encoder(args.ckpt, args.arch, args.model_config_dir)
+        print(f"ok: {task}/{head_kind} on {train_src.name} ({len(train_src.items)} {train_src.split}, "
+              f"{len(val_src.items)} {val_src.split} items), encoder {args.ckpt}", flush=True)
+        return 0
 
     # ---- encoder and head -----------------------------------------------------------------------
     with ckpt.rank0_first(distributed, local_rank == 0):

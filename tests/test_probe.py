@@ -151,13 +151,21 @@ def test_missing_data_or_weights_is_one_error_line_and_exit_2(tiny, encoder, tmp
              (lambda: _probe("--task", "normal", "--data", tmp_path / "nope", "--ckpt", encoder), "/norm/<id>.png"),
              (lambda: _probe("--task", "depth", "--data", tiny["voc"], "--ckpt", encoder), "/depth/<id>.png"),
              (lambda: _probe("--task", "seg", "--data", tiny["voc"], "--ckpt", "openai", "--arch", "ViT-B-16"), "offline"),
-             (lambda: _probe("--task", "seg", "--data", tiny["voc"], "--ckpt", tmp_path / "missing.pt"), "--arch"),
+             (lambda: _probe("--task", "seg", "--data", tiny["voc"], "--ckpt", tmp_path / "missing.pt"), "does not exist"),
+             (lambda: _probe("--task", "seg", "--data", tiny["voc"], "--ckpt", "none"), "needs --arch"),
              (lambda: zeroshot(["--data", str(tmp_path / "nope"), "--ckpt", str(encoder)]), "<DATA>/<split>/<class>/<image>"),
              (lambda: zeroshot(["--data", str(empty), "--task", "retrieval", "--ckpt", str(encoder)]), "captions.txt")]
+    cases += [(lambda: _probe("--task", "seg", "--data", empty, "--ckpt", encoder, "--check"), "VOCdevkit/VOC2012"),
+              (lambda: _probe("--task", "seg", "--data", tiny["voc"], "--ckpt", "openai", "--arch", "ViT-B-16", "--check"),
+               "--ckpt /path/to/file --arch ViT-B-16")]
     for run, expected in cases:
         assert run() == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    # make probe's pre-flight: a good setup passes without building a model or a run folder
+    assert _probe("--task", "seg", "--data", tiny["voc"], "--ckpt", encoder, "--run-dir", tmp_path / "r", "--check") == 0
+    assert capsys.readouterr().out.startswith("ok: seg/linear on voc2012 (16 train, 16 val items)")
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.timeout(300)
