@@ -15,13 +15,20 @@ RUN ?=
 EXTRAS ?= test
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= cliptex:$(VERSION)
+TASK ?= seg
+HEAD ?= linear
+DATA ?=
+CKPT ?=
+ARCH ?=
+RUNS ?= runs/probe runs/zeroshot
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: help install sample test pseudolabel train preview bench download docker clean
+.PHONY: help install sample test pseudolabel train preview bench download docker clean probe zeroshot probe-table
 
 help:
-	@echo 'targets: install sample test pseudolabel train preview bench download docker clean'
+	@echo 'targets: install sample test pseudolabel train preview bench download docker clean probe zeroshot probe-table'
 	@echo 'e.g. make pseudolabel SHARDS=sample PROFILE=smoke; make train SHARDS=sample PROFILE=smoke STEPS=50'
+	@echo '     make probe TASK=seg HEAD=linear DATA=/data/VOC CKPT=runs/<run>/export; make zeroshot DATA=... CKPT=...'
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +60,20 @@ preview: install
 
 bench: install sample
 	$(OFFLINE) $(PY) -m bench.run
+
+# frozen-encoder probes and zero-shot evaluation (docs/PROBE.md); datasets and weights by path, never downloaded
+# --check first: a missing dataset or weight file is one error line (exit 2), not a torchrun failure report
+PROBE_ARGS = --task $(TASK) --head $(HEAD) --data "$(DATA)" --ckpt "$(CKPT)" --profile $(PROFILE) \
+  $(if $(ARCH),--arch $(ARCH)) $(if $(RUN),--run-dir $(RUN))
+probe: install
+	@$(OFFLINE) $(PY) -m probe $(PROBE_ARGS) --check
+	$(OFFLINE) $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m probe $(PROBE_ARGS) --resume latest
+
+zeroshot: install
+	$(OFFLINE) $(PY) -m probe.zeroshot --data "$(DATA)" --ckpt "$(CKPT)" $(if $(ARCH),--arch $(ARCH))
+
+probe-table: install
+	$(PY) -m probe.table $(RUNS)
 
 download: install
 	$(PY) -m pipeline.download --shards $(SHARDS) --tsv "$(TSV)"

@@ -10,6 +10,7 @@ marked there with where it comes from.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,6 +192,8 @@ def apply_override(doc: dict, item: str) -> dict:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     parts = key.strip().split(".")
     node = doc
     for p in parts[:-1]:
