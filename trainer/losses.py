@@ -105,12 +105,16 @@ class CLIPTeXLoss(nn.Module):
     def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = {"clip": self.clip(out["image_features"].float(), out["text_features"].float(),
                                    out["logit_scale"].float())}
-        terms.update(dense_losses(out, batch, self.tasks, self.kappa_weight))
+        terms.update(self.dense(out, batch))
         total = sum(self.weights[k] * v for k, v in terms.items())
         return total, terms
 
+    def dense(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """The dense terms alone (``trainer.model.compile_dense`` compiles this)."""
+        return dense_terms(out, batch, self.tasks, self.kappa_weight)
 
-def dense_losses(out: dict, batch: dict, tasks: list[str], kappa_weight: bool = False) -> dict[str, torch.Tensor]:
+
+def dense_terms(out: dict, batch: dict, tasks: list[str], kappa_weight: bool = False) -> dict[str, torch.Tensor]:
     """The dense terms of the selected tasks: head outputs ``out[task]`` against ``batch`` labels."""
     terms = {}
     if "seg" in tasks:

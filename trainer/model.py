@@ -256,6 +256,15 @@ class CLIPTeX(nn.Module):
         return out
 
 
+def compile_dense(model: CLIPTeX, criterion, backend: str = "inductor") -> None:
+    """``torch.compile`` the dense branch (PSP + heads) and the dense loss terms in place; the CLIP
+    towers and the contrastive loss stay eager. Each new (batch, crop) shape compiles once per process
+    (a handful with variable resolution; dynamo turns the sizes dynamic after the second)."""
+    if model.tasks:
+        model.dense_heads = torch.compile(model.dense_heads, backend=backend)
+        criterion.dense = torch.compile(criterion.dense, backend=backend)
+
+
 def build_model(cfg, saved: dict | None = None) -> tuple[CLIPTeX, dict, dict]:
     """CLIPTeX from a ``Config``; returns (model, open_clip model_cfg, preprocess cfg with mean/std).
     ``saved`` = a checkpoint's {"model_cfg", "preprocess"}: the architecture is rebuilt exactly (e.g.

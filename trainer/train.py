@@ -29,7 +29,7 @@ from trainer import checkpoint as ckpt
 from trainer import data as D
 from trainer import params
 from trainer.losses import CLIPTeXLoss
-from trainer.model import PretrainedUnavailable, build_model
+from trainer.model import PretrainedUnavailable, build_model, compile_dense
 
 log = logging.getLogger("trainer")
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
@@ -147,6 +147,8 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
     std = torch.tensor(preprocess["std"], device=device).view(1, 3, 1, 1) * 255
     ddp_model = DDP(model, device_ids=[local_rank] if cuda else None) if distributed else model
     criterion = CLIPTeXLoss(vars(cfg.loss), cfg.tasks, rank, world, cfg.loss.normal_kappa_weight)
+    if cfg.model.compile_dense:
+        compile_dense(model, criterion)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
