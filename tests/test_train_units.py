@@ -285,6 +285,29 @@ def test_losses():
     assert losses.normal_loss(-n, n, kappa=torch.rand(2, 5, 5) + 0.1).item() > 0
 
 
+def test_kappa_weighted_normal_loss_by_hand():
+    """Each pixel's L1 weighted by kappa / (its image's mean kappa over valid pixels), summed over
+    valid pixels / their count; and an objective told to weight by kappa needs the kappa map."""
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(2, 3, 4, 5, generator=g), torch.nn.functional.normalize(torch.randn(2, 3, 4, 5, generator=g), dim=1)
+    target[1, :, 0] = 0.0  # a row without a normal
+    kappa = torch.rand(2, 4, 5, generator=g) * 30
+    p, t, k = pred.double().numpy(), target.double().numpy(), kappa.double().numpy()
+    total, count = 0.0, 0
+    for b in range(2):
+        valid = [(y, x) for y in range(4) for x in range(5) if np.abs(t[b, :, y, x]).sum() > 0]
+        mean_k = sum(k[b, y, x] for y, x in valid) / len(valid)
+        for y, x in valid:
+            total += k[b, y, x] / mean_k * np.abs(p[b, :, y, x] - t[b, :, y, x]).mean()
+        count += len(valid)
+    assert losses.normal_loss(pred, target, kappa).item() == pytest.approx(total / count, rel=1e-5)
+    assert losses.normal_loss(pred, target).item() != pytest.approx(total / count, rel=1e-3)
+    crit = losses.CLIPTeXLoss({"clip": 1.0, "normal": 1.0}, ["normal"], kappa_weight=True)
+    with pytest.raises(KeyError, match="normal_conf"):
+        crit.dense({"normal": pred}, {"normal": target})
+    assert crit.dense({"normal": pred}, {"normal": target, "normal_conf": kappa})["normal"].item() == pytest.approx(total / count, rel=1e-5)
+
+
 
 # The formulation the losses had before they were made sync-free (one host sync per term, boolean-mask
 # indexing, heads upsampled to the label size before the loss): the reference the new one must equal.
