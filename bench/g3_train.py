@@ -36,6 +36,7 @@ import torch
 G3 = dict(arch="ViT-B-16", res=512, batch=32, precision="bf16", label_scale=0.5)
 QUICK = dict(arch="CLIPTeX-Tiny-ViT", res=96, batch=2, precision="fp32", label_scale=0.5)  # trainer/configs/models
 TASKS = ["seg", "depth", "normal"]
+GOAL = 1.15  # ratio, dense / CLIP-only step time
 
 
 def _sync(device: torch.device) -> None:
@@ -195,6 +196,7 @@ def measure(device: str = "cuda", *, arch: str, res: int, batch: int, precision:
         for fn in steps.values():
             fn()
     res_ = summarise(time_sides(steps, dev, rounds, per_round))
+    res_["meets_goal"] = bool(res_["ratio"] <= GOAL)
     res_["setup"] = (f"{arch} random weights, {res}px, batch {batch}, labels at {label_scale:g} "
                      f"({round(res * label_scale)}px), PSP 256 + 1x1 heads, {precision}"
                      f"{' autocast' if precision == 'bf16' else ''}, AdamW, {dev.type}, best of {rounds} rounds x "

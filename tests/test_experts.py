@@ -1,5 +1,5 @@
 """Experts: the panoptic conversion rule, each smoke expert's outputs, the normal-axis convention,
-null experts, the CLI and the P3a benchmark. Offline; real photographs from scikit-image."""
+null experts, the CLI and that the P3a benchmark runs. Offline; real photographs from scikit-image."""
 from __future__ import annotations
 
 import json
@@ -651,11 +651,13 @@ def test_cli_reports_what_resolves(capsys):
     assert report["experts"]["normal"]["checkpoints"] == {}
 
 
-def test_p3a_benchmark_reports_the_overhead_ratio(images):
+def test_p3a_benchmark_runs_and_reports_its_parts(images):
+    """The benchmark's code runs and its ratio is made of its parts. Its goal (<= 1.1) is judged
+    by bench/ (``make bench`` reports meets_goal), not here: unit tests assert no speed."""
     from bench.p3a_experts import run_on_images
 
     r = run_on_images(images[:2])
     assert set(r["per_expert"]) == {"seg", "depth", "normal"}
-    assert 0.5 < r["wrapper_overhead_ratio"] < 5
     for p in r["per_expert"].values():
         assert p["bare_cpu_s"] > 0 and p["wrapper_cpu_s"] > 0
+    assert r["wrapper_overhead_ratio"] == pytest.approx(r["wrapper_cpu_s"] / r["bare_cpu_s"], rel=1e-2)
