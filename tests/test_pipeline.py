@@ -406,6 +406,18 @@ def test_preview_writes_contact_sheet_and_class_chart(sample_dir, smoke_labels, 
     assert sheet.size[0] > 600 and sheet.size[1] > 400 and chart.size[0] > 300
     # the sheet is not blank: images and maps were drawn
     assert np.asarray(sheet.convert("L")).std() > 10
+    # the chart's bars (read back from the drawing) are the manifest's per-class counts, largest first
+    from pipeline.coco import COCO_CLASSES
+
+    m = json.loads((smoke_labels / "_manifest.json").read_text())
+    shown = json.loads((tmp_path / "pv" / "class_frequency.json").read_text())
+    what = "instances" if sum(m["class_instances"][1:]) else "pixels"
+    counts = m[f"class_{what}"]
+    want = sorted(((counts[c], c) for c in range(1, 81) if counts[c] > 0), key=lambda vc: (-vc[0], vc[1]))
+    assert len(want) >= 2 and shown["what"] == what
+    assert shown["values"] == [v for v, _ in want]
+    assert shown["classes"] == [COCO_CLASSES[c - 1] for _, c in want]
+    assert f"({m['counts']['ok']} images" in shown["title"]
 
 
 # ----------------------------------------------------------------------------------------------
