@@ -424,6 +424,41 @@ def test_dense_step_makes_no_host_sync():
     assert model.heads["seg"].weight.grad is not None and model.psp.fuse[0].weight.grad.abs().sum() > 0
 
 
+
+def test_compiled_dense_branch_gives_the_eager_numbers():
+    """model.compile_dense: the PSP, heads and dense losses under torch.compile give the eager loss
+    terms and gradients. (aot_eager: dynamo and AOT autograd trace exactly what inductor would
+    compile, without generating kernels on a 2-core CPU; bench/g3_train.py measures inductor on a GPU.)"""
+    import copy
+
+    from trainer.model import build_model, compile_dense
+
+    cfg = params.load_config("smoke")
+    torch.manual_seed(0)
+    eager, _, _ = build_model(cfg)
+    eager.train()
+    compiled = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(0)
+    B, H, W = 2, 48, 48
+    batch = {"seg": torch.randint(0, 81, (B, H, W), generator=g).to(torch.uint8),
+             "depth": torch.rand(B, H, W, generator=g),
+             "normal": torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)}
+    images, texts = torch.randn(B, 3, 96, 96, generator=g), torch.randint(1, 49000, (B, 77), generator=g)
+    results = []
+    for model, compile_it in ((eager, False), (compiled, True)):
+        crit = losses.CLIPTeXLoss(vars(cfg.loss), cfg.tasks)
+        if compile_it:
+            compile_dense(model, crit, backend="aot_eager")
+        loss, terms = crit(model(images, texts), batch)
+        loss.backward()
+        results.append((terms, {n: p.grad for n, p in model.named_parameters() if n.startswith(("psp.", "heads."))}))
+    (want_terms, want_grads), (got_terms, got_grads) = results
+    assert "dense_heads" in vars(compiled) and "dense_heads" not in vars(eager)  # the compiled one ran
+    for k in want_terms:
+        torch.testing.assert_close(got_terms[k], want_terms[k], rtol=1e-5, atol=1e-6)
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
 @pytest.mark.parametrize("arch", ["CLIPTeX-Tiny-ViT", "CLIPTeX-Tiny-RN"])
 def test_ddp_gradients_have_the_bucket_layout(arch, tmp_path):
     """Every gradient DDP receives has its parameter's strides, so the reducer copies nothing and
