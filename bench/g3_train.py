@@ -195,25 +195,25 @@ def measure(device: str = "cuda", *, arch: str, res: int, batch: int, precision:
     for _ in range(warmup):  # allocator, cuDNN/cuBLAS handles and kernel choice, first-call costs
         for fn in steps.values():
             fn()
-    res_ = summarise(time_sides(steps, dev, rounds, per_round))
-    res_["meets_goal"] = bool(res_["ratio"] <= GOAL)
-    res_["setup"] = (f"{arch} random weights, {res}px, batch {batch}, labels at {label_scale:g} "
+    result = summarise(time_sides(steps, dev, rounds, per_round))
+    result["meets_goal"] = bool(result["ratio"] <= GOAL)
+    result["setup"] = (f"{arch} random weights, {res}px, batch {batch}, labels at {label_scale:g} "
                      f"({round(res * label_scale)}px), PSP 256 + 1x1 heads, {precision}"
                      f"{' autocast' if precision == 'bf16' else ''}, AdamW, {dev.type}, best of {rounds} rounds x "
                      f"{per_round} steps after {warmup} warm-up steps")
-    res_["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    res_["torch"] = torch.__version__
+    result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    result["torch"] = torch.__version__
     if dev.type == "cuda":
-        res_["host_syncs"] = {name: count_host_syncs(fn, dev) for name, fn in steps.items()}
+        result["host_syncs"] = {name: count_host_syncs(fn, dev) for name, fn in steps.items()}
     steps["dense"]()
-    res_["grad_stride_mismatches"] = grad_stride_mismatches(sides["dense"][0])
+    result["grad_stride_mismatches"] = grad_stride_mismatches(sides["dense"][0])
     if profile:
-        res_["profile"] = profile_sides(steps, dev)
+        result["profile"] = profile_sides(steps, dev)
     if variants:
-        res_["variants"] = run_variants(steps, sides, dev, rounds=3, per_round=per_round, backend=compile_backend,
+        result["variants"] = run_variants(steps, sides, dev, rounds=3, per_round=per_round, backend=compile_backend,
                                         deadline=t_start + budget_s)
-    res_["seconds"] = round(time.perf_counter() - t_start, 1)
-    return res_
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    return result
 
 
 def run_variants(steps, sides, dev, rounds: int, per_round: int, backend: str, deadline: float) -> dict:
