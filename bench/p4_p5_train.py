@@ -3,20 +3,19 @@
 P4  loader throughput (samples/s) of image + caption + seg + depth + normal vs image + caption only:
     the same shards, the same batch shapes (same seed), one DataLoader worker, default data settings
     (base 512, variable resolution, labels at 1/2 of the crop). ratio = with labels / without; goal >= 0.8.
-P5  one full training step (forward, losses, backward, AdamW) with PSP + all three heads vs CLIP only:
-    the same backbone (ViT-B/16, random weights: the weights do not change the time), resolution and
-    batch. ratio = dense / CLIP-only; goal <= 1.15. CPU-sized here (256 px, batch 2); the ratio is what
-    the goal is about.
+P5  one full training step (labels from wire codes, forward, losses, backward, AdamW) with PSP + all
+    three heads vs CLIP only: the same backbone (ViT-B/16, random weights: the weights do not change
+    the time), resolution and batch. ratio = dense / CLIP-only; goal <= 1.15. CPU-sized here (256 px,
+    batch 2); the ratio is what the goal is about. The code is G3's (bench/g3_train.py, the GPU
+    twin at the paper's 512 px, batch 32, bf16).
 
 P4 runs the two loaders side by side (consumed in lockstep) and counts each worker's own CPU time;
-P5 alternates the two configurations. Both keep each side's best round, so a neighbour's load on a
-shared machine does not land on one side only.
+P5 alternates the two configurations round by round. Both keep each side's best round, so a
+neighbour's load on a shared machine does not land on one side only.
 """
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -76,54 +75,14 @@ def p4(sample_dir: str, labels_dir: str) -> dict:
                      f"best of {P4_ROUNDS} rounds"}
 
 
-def _step_fn(tasks):
-    from trainer import params
-    from trainer.losses import CLIPTeXLoss
-    from trainer.model import build_model
-
-    cfg = params.load_config("default", overrides=[f"model.arch={P5_ARCH}", "model.pretrained=null",
-                                                   f"data.base_resolution={P5_RES}"])
-    cfg.tasks = tasks
-    torch.manual_seed(0)
-    model, _, _ = build_model(cfg)
-    model.train()
-    crit = CLIPTeXLoss(vars(cfg.loss), tasks)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    lh = lw = round(P5_RES * cfg.data.label_scale)
-    batch = {"seg": torch.randint(0, 81, (P5_BATCH, lh, lw), generator=g).to(torch.uint8),
-             "depth": torch.rand(P5_BATCH, lh, lw, generator=g),
-             "normal": torch.nn.functional.normalize(torch.randn(P5_BATCH, 3, lh, lw, generator=g), dim=1)}  # as train.py feeds it
-    images = torch.randn(P5_BATCH, 3, P5_RES, P5_RES, generator=g)
-    texts = torch.randint(1, 49000, (P5_BATCH, 77), generator=g)
-
-    def step():
-        out = model(images, texts, (lh, lw) if tasks else None)
-        loss, _ = crit(out, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()  # warm-up (allocations, first-call costs)
-    return step
-
-
 def p5() -> dict:
-    fns = {"dense": _step_fn(list(TASKS)), "clip": _step_fn([])}
-    times = {k: [] for k in fns}
-    for _ in range(P5_ROUNDS):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(P5_STEPS):
-                fn()
-            times[k].append((time.perf_counter() - t0) / P5_STEPS)
-    best = {k: min(v) for k, v in times.items()}
-    return {"ratio": round(best["dense"] / best["clip"], 3),
-            "step_s_dense": round(best["dense"], 3), "step_s_clip_only": round(best["clip"], 3),
-            "step_s_dense_median": round(statistics.median(times["dense"]), 3),
-            "step_s_clip_only_median": round(statistics.median(times["clip"]), 3),
-            "setup": f"{P5_ARCH} random weights, {P5_RES}px, batch {P5_BATCH}, labels at 1/2, PSP 256 + 1x1 heads, "
-                     f"fp32 CPU, {torch.get_num_threads()} threads, best of {P5_ROUNDS} x {P5_STEPS} steps"}
+    """G3's measurement (bench/g3_train.py) at a CPU size."""
+    from bench.g3_train import measure
+
+    r = measure("cpu", arch=P5_ARCH, res=P5_RES, batch=P5_BATCH, precision="fp32", rounds=P5_ROUNDS,
+                per_round=P5_STEPS, warmup=1)
+    r["setup"] += f", {torch.get_num_threads()} threads"
+    return r
 
 
 def run(sample_dir: str, labels_dir: str) -> dict:

@@ -26,18 +26,38 @@ def output_sizes(images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] 
 
 def resize_on_device(kind: str, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """A (H, W) map to ``hw`` where it was computed, as ``pipeline.labels.resize_map`` does on the
-    host: class ids nearest (pixel centres, like PIL), continuous maps area-averaged when shrinking
-    and bilinear when enlarging."""
+    host: class ids nearest (pixel centres, like PIL), continuous maps box-averaged over the same
+    runs of pixels (``labels.box_starts``) when shrinking and bilinear when enlarging."""
     if tuple(t.shape[-2:]) == tuple(hw):
         return t
     import torch.nn.functional as F
 
     if kind == "seg":
         return F.interpolate(t[None, None], size=hw, mode="nearest-exact")[0, 0]
-    shrink = hw[0] <= t.shape[-2]
-    mode = "area" if shrink else "bilinear"
-    return F.interpolate(t[None, None].float(), size=hw, mode=mode,
-                         **({} if shrink else {"align_corners": False}))[0, 0]
+    if hw[0] <= t.shape[-2] and hw[1] <= t.shape[-1]:
+        return _box_shrink(t.float(), hw)
+    return F.interpolate(t[None, None].float(), size=hw, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _box_shrink(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """``labels.box_starts`` runs on the device, columns then rows. Each output sums a fixed number
+    of gathered pixels (the longest run; shorter runs are padded with zeros), so the sum has one
+    order on every device and run: no atomics (an ``index_add_`` on CUDA would make the labels
+    differ in the last bit from run to run)."""
+    from functools import partial
+
+    from pipeline.labels import box_starts
+
+    for axis, n_out in ((1, hw[1]), (0, hw[0])):
+        n_in = t.shape[axis]
+        starts = box_starts(n_in, n_out, partial(torch.arange, device=t.device))
+        counts = starts[1:] - starts[:-1]
+        offsets = torch.arange(-(-n_in // n_out) + 1, device=t.device)  # longest run: ceil(n_in / n_out) or one more
+        idx = starts[:-1, None] + offsets  # (n_out, K)
+        use = offsets < counts[:, None]
+        picked = torch.where(use, t.movedim(axis, -1)[..., idx.clamp(max=n_in - 1)], 0.0)  # (..., n_out, K)
+        t = (picked.sum(-1) / counts).movedim(-1, axis)
+    return t
 
 
 def check_images(images: Sequence[np.ndarray]) -> None:

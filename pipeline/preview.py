@@ -5,7 +5,7 @@
 writes ``<labels>/_preview/contact_sheet.png`` (image | seg overlay | depth | normals for the first
 N labelled samples in source order) and ``<labels>/_preview/class_frequency.png`` (instances per
 COCO class over the whole job, from ``_manifest.json`` — the paper's Fig. 2a; PASCAL VOC classes
-highlighted).
+highlighted), with ``class_frequency.json`` next to it holding the numbers the chart shows.
 """
 from __future__ import annotations
 
@@ -120,6 +120,13 @@ def class_frequency(manifest: dict, path: Path) -> Path:
                  fontsize=9)
     fig.tight_layout()
     _save(fig, path, dpi=90)
+    # what the chart shows, read back from the drawn bars and tick labels: the numbers behind the
+    # picture for a reader, and what the test compares with the manifest
+    from pipeline.shards import write_json_atomic
+
+    write_json_atomic(path.with_suffix(".json"), {
+        "what": what, "title": ax.get_title(), "classes": [t.get_text() for t in ax.get_xticklabels()],
+        "values": [int(round(bar.get_height())) for bar in ax.patches]})
     return path
 
 

@@ -73,3 +73,80 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     s3_server.client().create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# ---- "no network call was made": event checks instead of wall-clock bounds -----------------------
+
+_GUARD = '''
+import atexit, os, socket, sys
+_events = os.environ["CLIPTEX_TEST_EVENTS"]
+
+
+def _record(what):
+    with open(_events, "a") as f:
+        f.write(what + "\\n")
+
+
+def _getaddrinfo(host, *args, **kwargs):
+    _record(f"getaddrinfo {host!r}")
+    raise OSError("network refused by the test")
+
+
+_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _record(f"connect {address!r}")
+        raise OSError("network refused by the test")
+    return _connect(self, address)
+
+
+socket.getaddrinfo = _getaddrinfo
+socket.socket.connect = _guarded_connect
+
+
+@atexit.register
+def _ray_state():
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        _record("ray initialised")
+'''
+
+
+def network_guard(tmp_path: Path) -> tuple[dict, Path]:
+    """Environment for a subprocess in which every DNS lookup and internet connection is refused
+    and written to the returned events file, as is a Ray instance still up at exit."""
+    site = tmp_path / "network-guard"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_GUARD)
+    events = tmp_path / "network-guard.events"
+    path = os.pathsep.join(p for p in (str(site), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "CLIPTEX_TEST_EVENTS": str(events)}, events
+
+
+def guard_events(events: Path) -> list[str]:
+    return events.read_text().splitlines() if events.exists() else []
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list[str]:
+    """In this process: every DNS lookup or internet connection fails and is recorded in the list."""
+    import socket
+
+    attempts: list[str] = []
+    connect = socket.socket.connect
+
+    def getaddrinfo(host, *args, **kwargs):
+        attempts.append(f"getaddrinfo {host!r}")
+        raise OSError("network refused by the test")
+
+    def guarded_connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(f"connect {address!r}")
+            raise OSError("network refused by the test")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    return attempts

@@ -1,5 +1,5 @@
 """Experts: the panoptic conversion rule, each smoke expert's outputs, the normal-axis convention,
-null experts, the CLI and the P3a benchmark. Offline; real photographs from scikit-image."""
+null experts, the CLI and that the P3a benchmark runs. Offline; real photographs from scikit-image."""
 from __future__ import annotations
 
 import json
@@ -35,9 +35,10 @@ def photos() -> list[np.ndarray]:
             fit(skimage.data.coffee(), 240)]
 
 
-def sequential_rule(det: Detections, hw, score_threshold=0.5, overlap_threshold=0.5) -> torch.Tensor:
+def sequential_rule(det: Detections, hw, score_threshold=0.5, overlap_threshold=0.5, at_threshold=None) -> torch.Tensor:
     """detectron2's combine_semantic_and_instance_outputs for things, written as the plain loop
-    (DESIGN.md §3) — the reference the vectorised version must equal."""
+    (DESIGN.md §3) — the reference the vectorised version must equal. ``at_threshold``: a list that
+    receives each instance whose claimed fraction is exactly the overlap threshold (it is kept)."""
     seg = torch.zeros(hw, dtype=torch.uint8)
     claimed = torch.zeros(hw, dtype=torch.bool)
     for i in torch.sort(det.scores, descending=True, stable=True).indices.tolist():
@@ -47,6 +48,8 @@ def sequential_rule(det: Detections, hw, score_threshold=0.5, overlap_threshold=
         area = int(m.sum())
         if area == 0 or int(det.classes[i]) == 0:
             continue
+        if at_threshold is not None and int((m & claimed).sum()) / area == overlap_threshold:
+            at_threshold.append(i)
         if int((m & claimed).sum()) / area > overlap_threshold:
             continue
         paint = m & ~claimed
@@ -175,20 +178,40 @@ def test_confidence_is_owner_score_or_one_minus_best_cover():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_vectorised_rule_equals_the_sequential_loop(seed):
+    """Random scenes, each with instances built to sit exactly at every tested overlap threshold:
+    per band, an anchor of the top score and five thin straddlers of the next score, each with
+    exactly the fraction f of its area under the anchor (and nothing else claimed before it); then
+    random discs with tied scores and a few class-0 and empty masks, all in random order."""
     g = torch.Generator().manual_seed(seed)
     hw = (48, 64)
-    n = int(torch.randint(1, 40, (1,), generator=g))
     yy, xx = torch.meshgrid(torch.arange(hw[0]), torch.arange(hw[1]), indexing="ij")
+    fractions = (0.5, 0.25, 0.75, 0.2, 0.9)
+    masks, scores = [], []
+    for band in range(3):
+        r0, c0 = band * 16, int(torch.randint(0, 20, (1,), generator=g))
+        masks.append((yy >= r0) & (yy < r0 + 15) & (xx >= c0) & (xx < c0 + 20))
+        scores.append(1.0)
+        for k, f in enumerate(fractions):  # rows of its own, 20 columns of which round(20 f) under the anchor
+            left = c0 + 20 - round(20 * f)
+            masks.append((yy >= r0 + 3 * k) & (yy < r0 + 3 * k + 3) & (xx >= left) & (xx < left + 20))
+            scores.append(0.95)
+    n = int(torch.randint(1, 30, (1,), generator=g))
     centre = torch.rand(n, 2, generator=g) * torch.tensor(hw)
     radius = 3 + torch.rand(n, generator=g) * 15
-    masks = ((yy - centre[:, :1, None]) ** 2 + (xx - centre[:, 1:, None]) ** 2) < radius[:, None, None] ** 2
-    masks[torch.rand(n, generator=g) < 0.1] = False  # a few empty masks
-    scores = torch.round(torch.rand(n, generator=g) * 10) / 10  # many ties
-    classes = torch.randint(0, 81, (n,), generator=g)
-    det = Detections(torch.zeros(n, 4), scores, classes, masks)
-    for st, ot in ((0.5, 0.5), (0.0, 0.5), (0.3, 0.2), (0.3, 0.9)):
+    discs = ((yy - centre[:, :1, None]) ** 2 + (xx - centre[:, 1:, None]) ** 2) < radius[:, None, None] ** 2
+    discs[torch.rand(n, generator=g) < 0.1] = False  # a few empty masks
+    masks = torch.cat([torch.stack(masks), discs])
+    scores = torch.cat([torch.tensor(scores), torch.round(torch.rand(n, generator=g) * 9) / 10])  # many ties
+    order = torch.randperm(len(scores), generator=g)
+    classes = torch.randint(1, 81, (len(scores),), generator=g)
+    classes[torch.rand(len(scores), generator=g) < 0.05] = 0
+    det = Detections(torch.zeros(len(scores), 4), scores[order], classes, masks[order])
+    for st, ot in ((0.5, 0.5), (0.0, 0.5), (0.3, 0.25), (0.3, 0.75), (0.3, 0.2), (0.3, 0.9)):
+        at_threshold = []
+        want = sequential_rule(det, hw, st, ot, at_threshold)
         got, _ = instances_to_semantic(det, hw, score_threshold=st, overlap_threshold=ot)
-        assert torch.equal(got, sequential_rule(det, hw, st, ot)), (seed, st, ot)
+        assert at_threshold, (seed, ot)  # the boundary is exercised, not just its neighbourhood
+        assert torch.equal(got, want), (seed, st, ot)
 
 
 def test_both_backend_output_structures_convert():
@@ -296,6 +319,66 @@ def test_sam_refinement_runs_in_the_smoke_profile(images):
     assert expert.describe()["sam"] == {"model": "sam-smoke", "iou_gate": 0.0}
     assert expert.sam.last_accept_rate == 1.0  # gate 0 accepts every refinement
 
+
+
+def _sam_reference(expert, image):
+    """The smoke detector's instances and, independently of SamRefiner, what segment-anything's
+    own predictor makes of their boxes, and each pair's IoU (numpy)."""
+    with torch.inference_mode():
+        det = expert.detect([image])[0]
+        sel = (det.scores >= expert.sam.min_score).nonzero().squeeze(1)
+        predictor = expert.sam.predictor
+        predictor.set_image(image, image_format="RGB")
+        boxes = predictor.transform.apply_boxes_torch(det.boxes[sel].float(), image.shape[:2])
+        sam_masks, _, _ = predictor.predict_torch(point_coords=None, point_labels=None, boxes=boxes,
+                                                  multimask_output=False)
+        predictor.reset_image()
+    a, b = det.masks[sel].flatten(1).numpy(), sam_masks[:, 0].flatten(1).numpy()
+    union = (a | b).sum(1)
+    iou = np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 1.0)
+    return det, sel, sam_masks[:, 0], iou
+
+
+def _with_masks(det, sel, masks, use):
+    out = det.masks.clone()
+    out[sel[torch.from_numpy(use)]] = masks[torch.from_numpy(use)]
+    return Detections(det.boxes, det.scores, det.classes, out)
+
+
+def test_sam_refined_masks_are_used_where_the_gate_accepts_them(images):
+    """A gate between the instances' IoUs: the ones at or above it take SAM's mask, the others keep
+    the detector's, and the map is the rule applied to exactly that mix (real segment-anything
+    classes, the smoke SAM)."""
+    image = images[1]
+    probe = build_expert("seg", "smoke", sam=True)
+    det, sel, sam_masks, iou = _sam_reference(probe, image)
+    levels = np.unique(iou)
+    assert len(sel) >= 3 and len(levels) >= 3
+    gate = float(levels[len(levels) // 2] + levels[len(levels) // 2 - 1]) / 2  # between two IoUs: no rounding question
+    accept = iou >= gate
+    assert accept.any() and not accept.all()
+    expert = build_expert("seg", "smoke", sam=True, iou_gate=gate)
+    got = expert.predict([image])[0]["seg"]
+    want = sequential_rule(_with_masks(det, sel, sam_masks, accept), image.shape[:2]).numpy()
+    assert np.array_equal(got, want)
+    assert expert.sam.last_accept_rate == pytest.approx(accept.mean())
+    # the test can tell: the detector's masks alone, or SAM's for every instance, give other maps
+    none = sequential_rule(det, image.shape[:2]).numpy()
+    every = sequential_rule(_with_masks(det, sel, sam_masks, np.ones_like(accept)), image.shape[:2]).numpy()
+    assert not np.array_equal(want, none) and not np.array_equal(want, every)
+
+
+def test_sam_refinement_the_gate_rejects_changes_nothing(images):
+    image = images[1]
+    probe = build_expert("seg", "smoke", sam=True)
+    det, sel, sam_masks, iou = _sam_reference(probe, image)
+    assert iou.max() < 1  # SAM's masks do differ from the detector's here
+    expert = build_expert("seg", "smoke", sam=True, iou_gate=float(iou.max() + 1) / 2)
+    got = expert.predict([image])[0]["seg"]
+    assert np.array_equal(got, sequential_rule(det, image.shape[:2]).numpy())
+    assert expert.sam.last_accept_rate == 0.0
+    # while a gate that lets them through changes the map
+    assert not np.array_equal(got, build_expert("seg", "smoke", sam=True, iou_gate=0.0).predict([image])[0]["seg"])
 
 def test_dpt_input_size_follows_the_original_minimal_resize():
     from expert_wrappers.depth import dpt_input_size
@@ -568,11 +651,13 @@ def test_cli_reports_what_resolves(capsys):
     assert report["experts"]["normal"]["checkpoints"] == {}
 
 
-def test_p3a_benchmark_reports_the_overhead_ratio(images):
+def test_p3a_benchmark_runs_and_reports_its_parts(images):
+    """The benchmark's code runs and its ratio is made of its parts. Its goal (<= 1.1) is judged
+    by bench/ (``make bench`` reports meets_goal), not here: unit tests assert no speed."""
     from bench.p3a_experts import run_on_images
 
     r = run_on_images(images[:2])
     assert set(r["per_expert"]) == {"seg", "depth", "normal"}
-    assert 0.5 < r["wrapper_overhead_ratio"] < 5
     for p in r["per_expert"].values():
         assert p["bare_cpu_s"] > 0 and p["wrapper_cpu_s"] > 0
+    assert r["wrapper_overhead_ratio"] == pytest.approx(r["wrapper_cpu_s"] / r["bare_cpu_s"], rel=1e-2)

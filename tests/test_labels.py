@@ -167,6 +167,73 @@ def test_resize_to_label_resolution():
     assert ns.shape == (50, 100, 3) and np.allclose(np.linalg.norm(ns, axis=-1), 1, atol=1e-5)
 
 
+
+def _box_reference(arr, hw):
+    """Explicit loops with exact fractions: label pixel (i, j) is the mean of the image pixels whose
+    centres lie in its footprint (i s, (i + 1) s] x (j t, (j + 1) t], s = H / h, t = W / w."""
+    from fractions import Fraction
+
+    H, W = arr.shape[:2]
+    h, w = hw
+
+    def members(n_in, n_out, i):
+        s = Fraction(n_in, n_out)
+        return [y for y in range(n_in) if i * s < y + Fraction(1, 2) <= (i + 1) * s]
+
+    out = np.zeros((h, w) + arr.shape[2:])
+    for i in range(h):
+        rows = members(H, h, i)
+        for j in range(w):
+            cols = members(W, w, j)
+            out[i, j] = arr[np.ix_(rows, cols)].astype(np.float64).mean((0, 1))
+    return out
+
+
+# (image size, label size): label_scale 1/2 of odd and even sizes, a 3x shrink, uneven factors with
+# centres exactly on a footprint edge (15 -> 8: pixel 7's centre is on the edge of outputs 3 and 4)
+SHRINKS = [((40, 60), (20, 30)), ((37, 23), (19, 12)), ((15, 33), (8, 11)), ((30, 21), (10, 7)), ((11, 13), (6, 5))]
+
+
+@pytest.mark.parametrize("size,hw", SHRINKS)
+def test_shrinking_a_continuous_map_is_a_box_average_on_host_and_device(size, hw):
+    import torch
+
+    from expert_wrappers._torch import resize_on_device
+
+    rng = np.random.default_rng(size[0] * 100 + size[1])
+    depth = (rng.random(size) * 50).astype(np.float32)  # noise: a nearest or shifted resize shows everywhere
+    want = _box_reference(depth, hw)
+    host = labels.resize_map("depth", depth, hw)
+    device = resize_on_device("seg_conf", torch.from_numpy(depth), hw).numpy()
+    for got in (host, device):
+        assert got.dtype == np.float32 and got.shape == hw
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if size[0] % hw[0] == 0 and size[1] % hw[1] == 0:  # integer factors: plain block means
+        blocks = depth.reshape(hw[0], size[0] // hw[0], hw[1], size[1] // hw[1]).mean((1, 3))
+        np.testing.assert_allclose(host, blocks, rtol=1e-6)
+    # normals: the box average of each component, then renormalised
+    v = rng.normal(size=size + (3,)).astype(np.float32)
+    normal = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    mean = _box_reference(normal, hw)
+    np.testing.assert_allclose(labels.resize_map("normal", normal, hw),
+                               mean / np.linalg.norm(mean, axis=-1, keepdims=True), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,hw", SHRINKS + [((375, 500), (188, 250)), ((333, 500), (167, 250))])
+def test_class_ids_take_the_pixel_at_each_label_pixels_centre(size, hw):
+    """Nearest at pixel centres: label pixel i takes image pixel floor((i + 1/2) H / h), on host and
+    device; the first and last rows/columns included."""
+    import torch
+
+    from expert_wrappers._torch import resize_on_device
+
+    seg = np.random.default_rng(1).integers(0, 81, size).astype(np.uint8)
+    rows = [(2 * i + 1) * size[0] // (2 * hw[0]) for i in range(hw[0])]
+    cols = [(2 * j + 1) * size[1] // (2 * hw[1]) for j in range(hw[1])]
+    want = seg[np.ix_(rows, cols)]
+    assert np.array_equal(labels.resize_map("seg", seg, hw), want)
+    assert np.array_equal(resize_on_device("seg", torch.from_numpy(seg), hw).numpy(), want)
+
 def spec_decoder():
     """The decoder printed in docs/LABELS.md, executed as written: it imports nothing of ours."""
     import re

@@ -203,6 +203,73 @@ def test_every_task_subset_runs(tasks, extra, sample_dir, smoke_labels, tmp_path
     assert {k.split(".")[1] for k in state["model"] if k.startswith("heads.")} == set(selected)
 
 
+
+@pytest.mark.timeout(300)
+def test_kappa_weight_reaches_the_normal_loss(sample_dir, smoke_labels, tmp_path):
+    """loss.normal_kappa_weight=true: the loader reads normal_conf and the loss weights by it. The
+    smoke expert's kappa is nearly uniform, so the labels get one that is not (1/100 on each map's
+    left half, 100 on its right). The first step sees the same model and batch either way, so only
+    the weighting can change its normal loss; a batch without normal_conf stops the run."""
+    from pipeline import labels as L
+
+    labels = tmp_path / "labels"
+    (labels / "normal").mkdir(parents=True)
+    for tar in sorted((Path(smoke_labels) / "normal").glob("*.tar")):
+        members = []
+        for name, data in _members(tar):
+            if L.split_member_name(name)[1] == "normal_conf":
+                header, kappa = L.decode_with_header(data)
+                kappa = np.where(np.arange(kappa.shape[1]) < kappa.shape[1] // 2, 0.01, 100.0)[None].repeat(kappa.shape[0], 0)
+                data = L.encode("normal_conf", kappa.astype(np.float32), image_size=tuple(header["image_size"]))
+            members.append((name, data))
+        write_tar_atomic(labels / "normal" / tar.name, members)
+    first = {}
+    for kappa in ("false", "true"):
+        rc = _run_inprocess(sample_dir, labels, tmp_path / kappa, "--tasks", "normal",
+                            "--set", f"loss.normal_kappa_weight={kappa}", steps=1)
+        assert rc == 0
+        first[kappa] = _metrics(tmp_path / kappa)[0]
+    assert first["true"]["loss_clip"] == first["false"]["loss_clip"]  # the same model and batch
+    assert abs(first["true"]["loss_normal"] / first["false"]["loss_normal"] - 1) > 0.01, first
+
+
+@pytest.mark.timeout(300)
+def test_metrics_split_each_step_into_data_wait_and_the_rest(sample_dir, smoke_labels, tmp_path, monkeypatch):
+    """data_time is the time spent waiting for the loader, step_time the whole step (open_clip's
+    data_time / batch_time). The trainer's clock is replaced by one that only moves when the loader
+    hands over batch i (by 2 + i) and when the loss is computed (by 0.25)."""
+    import types
+
+    import trainer.train as T
+    from trainer import data as D
+
+    clock = [1000.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    make_loader = D.make_loader
+
+    def waiting_loader(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+
+        class Waiting:
+            def __iter__(self):
+                for i, batch in enumerate(loader):
+                    clock[0] += 2 + i
+                    yield batch
+        return Waiting()
+
+    class TimedLoss(T.CLIPTeXLoss):
+        def forward(self, out, batch):
+            clock[0] += 0.25
+            return super().forward(out, batch)
+
+    monkeypatch.setattr(D, "make_loader", waiting_loader)
+    monkeypatch.setattr(T, "CLIPTeXLoss", TimedLoss)
+    assert _run_inprocess(sample_dir, smoke_labels, tmp_path / "run", steps=3) == 0
+    m = _metrics(tmp_path / "run")
+    assert [r["data_time"] for r in m] == [2, 3, 4]
+    assert [r["step_time"] for r in m] == [2.25, 3.25, 4.25]
+    assert [r["samples_per_s"] for r in m] == [round(r["batch_size"] / r["step_time"], 2) for r in m]
+
 def _members(path):
     with tarfile.open(path) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]

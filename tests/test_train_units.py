@@ -286,9 +286,221 @@ def test_losses():
     assert losses.normal_loss(-n, n, kappa=torch.rand(2, 5, 5) + 0.1).item() > 0
 
 
-def test_offline_pretrained_tag_fails_fast(monkeypatch, tmp_path):
-    import time
+def test_kappa_weighted_normal_loss_by_hand():
+    """Each pixel's L1 weighted by kappa / (its image's mean kappa over valid pixels), summed over
+    valid pixels / their count; and an objective told to weight by kappa needs the kappa map."""
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(2, 3, 4, 5, generator=g), torch.nn.functional.normalize(torch.randn(2, 3, 4, 5, generator=g), dim=1)
+    target[1, :, 0] = 0.0  # a row without a normal
+    kappa = torch.rand(2, 4, 5, generator=g) * 30
+    p, t, k = pred.double().numpy(), target.double().numpy(), kappa.double().numpy()
+    total, count = 0.0, 0
+    for b in range(2):
+        valid = [(y, x) for y in range(4) for x in range(5) if np.abs(t[b, :, y, x]).sum() > 0]
+        mean_k = sum(k[b, y, x] for y, x in valid) / len(valid)
+        for y, x in valid:
+            total += k[b, y, x] / mean_k * np.abs(p[b, :, y, x] - t[b, :, y, x]).mean()
+        count += len(valid)
+    assert losses.normal_loss(pred, target, kappa).item() == pytest.approx(total / count, rel=1e-5)
+    assert losses.normal_loss(pred, target).item() != pytest.approx(total / count, rel=1e-3)
+    crit = losses.CLIPTeXLoss({"clip": 1.0, "normal": 1.0}, ["normal"], kappa_weight=True)
+    with pytest.raises(KeyError, match="normal_conf"):
+        crit.dense({"normal": pred}, {"normal": target})
+    assert crit.dense({"normal": pred}, {"normal": target, "normal_conf": kappa})["normal"].item() == pytest.approx(total / count, rel=1e-5)
 
+
+
+# The formulation the losses had before they were made sync-free (one host sync per term, boolean-mask
+# indexing, heads upsampled to the label size before the loss): the reference the new one must equal.
+def _old_seg(logits, target):
+    logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="nearest")
+    target = target.long()
+    n = int((target != 255).sum())
+    if n == 0:
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=255, reduction="sum") / n
+
+
+def _old_depth(pred, depth):
+    pred = torch.nn.functional.interpolate(pred, size=depth.shape[-2:], mode="nearest")
+    valid = torch.isfinite(depth)
+    n = int(valid.sum())
+    if n == 0:
+        return pred.sum() * 0.0
+    target = losses.normalise_depth(torch.where(valid, depth, torch.zeros_like(depth)), valid)
+    return (pred[:, 0].float() - target).abs()[valid].sum() / n
+
+
+def _old_normal(pred, normal, kappa=None):
+    pred = torch.nn.functional.interpolate(pred, size=normal.shape[-2:], mode="nearest")
+    valid = torch.isfinite(normal).all(1) & (normal.abs().sum(1) > 0)
+    n = int(valid.sum())
+    if n == 0:
+        return pred.sum() * 0.0
+    err = (pred.float() - torch.nan_to_num(normal)).abs().mean(1)
+    if kappa is not None:
+        k = torch.nan_to_num(kappa).clamp_min(0) * valid
+        mean = k.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+        err = err * (k / mean.clamp_min(1e-6)[:, None, None])
+    return err[valid].sum() / n
+
+
+@pytest.mark.parametrize("grid,size", [((4, 6), (32, 48)), ((4, 6), (7, 13)), ((5, 3), (5, 3)), ((6, 8), (3, 5))],
+                         ids=["x8", "uneven", "same", "shrink"])
+def test_sync_free_losses_equal_the_masked_formulation(grid, size):
+    """Values and gradients equal the upsample-then-mask formulation on random inputs, including a
+    batch where one image and then every image has no valid pixel."""
+    g = torch.Generator().manual_seed(size[0] * 100 + size[1])
+    B, (h, w), (H, W) = 3, grid, size
+    for empty in ("none", "one", "all"):
+        seg = torch.randint(0, 81, (B, H, W), generator=g).to(torch.uint8)
+        seg[torch.rand(B, H, W, generator=g) < 0.3] = 255
+        depth = torch.rand(B, H, W, generator=g) * 20 + 1
+        depth[torch.rand(B, H, W, generator=g) < 0.2] = float("nan")
+        normal = torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)
+        normal[:, :, 0, 0] = 0.0                                            # "no normal" pixel
+        normal[1, 2, 1:3] = float("inf")
+        kappa = torch.rand(B, H, W, generator=g) * 50
+        dead = slice(0, 1) if empty == "one" else slice(None) if empty == "all" else slice(0, 0)
+        seg[dead], depth[dead], normal[dead] = 255, float("nan"), float("nan")
+        cases = [(losses.seg_loss, _old_seg, 81, seg, ()), (losses.depth_loss, _old_depth, 1, depth, ()),
+                 (losses.normal_loss, _old_normal, 3, normal, ()), (losses.normal_loss, _old_normal, 3, normal, (kappa,))]
+        for new, old, c, target, extra in cases:
+            pred = (torch.randn(B, c, h, w, generator=g) * 3).requires_grad_()
+            want = old(pred, target, *extra)
+            (want_grad,) = torch.autograd.grad(want, pred)
+            got = new(pred, target, *extra)
+            (got_grad,) = torch.autograd.grad(got, pred)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{new.__name__} {empty}")
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7, msg=f"{new.__name__} {empty}")
+            if empty == "all":
+                assert got.item() == 0.0 and not got_grad.any()
+    with pytest.raises(RuntimeError, match="out of range"):  # an id beyond the head still fails loudly
+        losses.seg_loss(torch.zeros(1, 81, 2, 2), torch.full((1, 4, 4), 90, dtype=torch.uint8))
+
+
+class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on every op that makes the host wait for the device on CUDA: reading a value
+    (``.item()``, ``bool()``, ``int()``) or an op whose output size depends on the values."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+               "aten::masked_select", "aten::masked_scatter", "aten::unique_consecutive", "aten::_unique",
+               "aten::_unique2", "aten::unique_dim", "aten::bincount", "aten::histc",
+               "aten::repeat_interleave", "aten::allclose"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        boolean_index = name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        value_fill = name == "aten::masked_fill" and isinstance(args[2], torch.Tensor)  # .item() of the value on CUDA
+        if name in self.SYNCING or boolean_index or value_fill:
+            raise AssertionError(f"{func} makes the host wait for the device")
+        return func(*args, **kwargs)
+
+
+def test_dense_step_makes_no_host_sync():
+    """Forward (CLIP towers, PSP, heads), the full objective and backward run without a single op
+    that would make the host wait for a CUDA device (GPU.md: such syncs cost ~12 ms of a 110 ms step)."""
+    from trainer.model import build_model
+
+    with _NoHostSync(), pytest.raises(AssertionError, match="host wait"):  # the guard sees what it must
+        x = torch.randn(4)
+        x[x > 0]
+    cfg = params.load_config("smoke", overrides=["model.head_layers=1"])
+    torch.manual_seed(0)
+    model, _, _ = build_model(cfg)
+    model.train()
+    crit = losses.CLIPTeXLoss(vars(cfg.loss), cfg.tasks, kappa_weight=True)
+    g = torch.Generator().manual_seed(0)
+    B, H, W = 2, 48, 48  # labels at 1/2 of the 96 px input: the heads (6x6 grid) are upsampled by 8
+    batch = {"seg": torch.randint(0, 81, (B, H, W), generator=g).to(torch.uint8),
+             "depth": torch.rand(B, H, W, generator=g), "normal_conf": torch.rand(B, H, W, generator=g),
+             "normal": torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)}
+    images, texts = torch.randn(B, 3, 96, 96, generator=g), torch.randint(1, 49000, (B, 77), generator=g)
+    with _NoHostSync():
+        loss, terms = crit(model(images, texts), batch)
+        loss.backward()
+    assert set(terms) == {"clip", "seg", "depth", "normal"}
+    assert model.heads["seg"].weight.grad is not None and model.psp.fuse[0].weight.grad.abs().sum() > 0
+
+
+
+def test_compiled_dense_branch_gives_the_eager_numbers():
+    """model.compile_dense: the PSP, heads and dense losses under torch.compile give the eager loss
+    terms and gradients. (aot_eager: dynamo and AOT autograd trace exactly what inductor would
+    compile, without generating kernels on a 2-core CPU; bench/g3_train.py measures inductor on a GPU.)"""
+    import copy
+
+    from trainer.model import build_model, compile_dense
+
+    cfg = params.load_config("smoke")
+    torch.manual_seed(0)
+    eager, _, _ = build_model(cfg)
+    eager.train()
+    compiled = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(0)
+    B, H, W = 2, 48, 48
+    batch = {"seg": torch.randint(0, 81, (B, H, W), generator=g).to(torch.uint8),
+             "depth": torch.rand(B, H, W, generator=g),
+             "normal": torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)}
+    images, texts = torch.randn(B, 3, 96, 96, generator=g), torch.randint(1, 49000, (B, 77), generator=g)
+    results = []
+    for model, compile_it in ((eager, False), (compiled, True)):
+        crit = losses.CLIPTeXLoss(vars(cfg.loss), cfg.tasks)
+        if compile_it:
+            compile_dense(model, crit, backend="aot_eager")
+        loss, terms = crit(model(images, texts), batch)
+        loss.backward()
+        results.append((terms, {n: p.grad for n, p in model.named_parameters() if n.startswith(("psp.", "heads."))}))
+    (want_terms, want_grads), (got_terms, got_grads) = results
+    assert "dense_heads" in vars(compiled) and "dense_heads" not in vars(eager)  # the compiled one ran
+    for k in want_terms:
+        torch.testing.assert_close(got_terms[k], want_terms[k], rtol=1e-5, atol=1e-6)
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+@pytest.mark.parametrize("arch", ["CLIPTeX-Tiny-ViT", "CLIPTeX-Tiny-RN"])
+def test_ddp_gradients_have_the_bucket_layout(arch, tmp_path):
+    """Every gradient DDP receives has its parameter's strides, so the reducer copies nothing and
+    never warns "Grad strides do not match bucket view strides" (seen on an H100 for the 1x1 convs).
+    On CPU oneDNN's multi-threaded convolution shows the same mismatch (one thread picks a kernel
+    that does not), hence two threads here."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trainer.model import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = params.load_config("smoke", overrides=[f"model.arch={arch}"])
+        torch.manual_seed(0)
+        model, _, _ = build_model(cfg)
+        model.train()
+        ddp = DDP(model)
+        g = torch.Generator().manual_seed(0)
+        B, H, W = 4, 64, 64
+        batch = {"seg": torch.randint(0, 81, (B, H, W), generator=g).to(torch.uint8),
+                 "depth": torch.rand(B, H, W, generator=g),
+                 "normal": torch.nn.functional.normalize(torch.randn(B, H, W, 3, generator=g), dim=-1).permute(0, 3, 1, 2)}
+        crit = losses.CLIPTeXLoss(vars(cfg.loss), cfg.tasks)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                loss, _ = crit(ddp(torch.randn(B, 3, 128, 128, generator=g), torch.randint(1, 49000, (B, 77), generator=g)), batch)
+                loss.backward()
+        assert not [w for w in caught if "strides" in str(w.message)], [str(w.message)[:300] for w in caught]
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.stride() == p.stride(), (name, p.stride(), p.grad.stride())
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+def test_offline_pretrained_tag_fails_fast(monkeypatch, tmp_path, no_network):
     from trainer.model import PretrainedUnavailable, resolve_pretrained
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -298,10 +510,9 @@ def test_offline_pretrained_tag_fails_fast(monkeypatch, tmp_path):
         pytest.skip(f"weights happen to be cached here: {path}")
     except PretrainedUnavailable:
         pass
-    t0 = time.time()
     with pytest.raises(PretrainedUnavailable, match="--pretrained") as e:
         resolve_pretrained("ViT-B-16", "openai")
-    assert time.time() - t0 < 5
+    assert no_network == []  # decided offline without probing a hub
     assert "open_clip" in str(e.value) or "huggingface.co" in str(e.value)
     with pytest.raises(PretrainedUnavailable, match="does not exist"):
         resolve_pretrained("ViT-B-16", str(tmp_path / "nope.bin"))

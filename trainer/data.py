@@ -494,8 +494,9 @@ def labels_to_values(batch: dict, kinds: list[str], device) -> dict[str, torch.T
                 _LUTS[device] = torch.from_numpy(L.octahedral_table()).to(device)
             out[kind] = _LUTS[device][t.to(torch.int32)]
         else:
-            lo = batch[f"{kind}_lo"].to(device)[:, None, None]
-            scale = batch[f"{kind}_scale"].to(device)[:, None, None]
+            # non_blocking: from the loader's pinned memory a blocking copy would make the host wait
+            lo = batch[f"{kind}_lo"].to(device, non_blocking=True)[:, None, None]
+            scale = batch[f"{kind}_scale"].to(device, non_blocking=True)[:, None, None]
             out[kind] = t.to(torch.float32).mul_(scale).add_(lo)  # two roundings, as numpy's decode
     return out
 

@@ -3,7 +3,14 @@
     dense features = ViT patch tokens (after ln_post) or the ResNet's last stage
     PSP (pools 1, 2, 3, 6 -> 1x1 conv to C/4 each, concat with the input, 3x3 fuse, dropout)
     head per task  = 1x1 conv (light, the paper's default) or 3 conv layers (heavy, Table 6)
-    outputs        = nearest-upsampled to the label size (paper, Section 3)
+    outputs        = at the feature grid; the losses nearest-upsample them to the label size (paper,
+                     Section 3; trainer.losses)
+
+The dense branch runs channels-last (NHWC): a ViT's patch tokens (B, N, C) already are NHWC once
+their token axis is read as (h, w), and its parameters are stored channels-last too, so that each
+weight's gradient has the parameter's own strides. Otherwise the 1x1 convs' weight gradients come back
+with channels-last strides that autograd accepts (only the size-1 dims differ) but DDP's gradient
+buckets do not ("Grad strides do not match bucket view strides").
 
 Variable resolution: the towers' learned position embeddings are interpolated (bicubic) to the input's
 token grid on the fly; at the model's own image size nothing is interpolated, so the forward pass is
@@ -188,6 +195,8 @@ class CLIPTeX(nn.Module):
         if self.tasks:
             self.psp = PSP(feat_ch, psp_channels, tuple(pool_sizes), psp_dropout)
             self.heads = nn.ModuleDict({t: make_head(psp_channels, HEAD_OUT[t], head_layers) for t in self.tasks})
+            self.psp.to(memory_format=torch.channels_last)
+            self.heads.to(memory_format=torch.channels_last)
 
     # -- image tower ----------------------------------------------------------------------------
     def _vit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,17 +239,30 @@ class CLIPTeX(nn.Module):
         pooled, dense = self._vit(images) if self.is_vit else self._resnet(images)
         return (F.normalize(pooled, dim=-1) if normalize else pooled), dense
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor, label_size: tuple[int, int] | None = None) -> dict:
+    def dense_heads(self, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dense features (B, C, h, w) -> {task: head output (B, HEAD_OUT[task], h, w)}."""
+        feats = self.psp(dense.contiguous(memory_format=torch.channels_last))  # a no-op for ViT tokens
+        return {t: head(feats) for t, head in self.heads.items()}
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        """Global image/text embeddings and temperature, plus each task's head output at the
+        feature grid (the losses upsample them to the label size)."""
         image_features, dense = self.encode_image(images)
         out = {"image_features": image_features,
                "text_features": self.clip.encode_text(texts, normalize=True),
                "logit_scale": self.clip.logit_scale.exp()}
         if self.tasks:
-            feats = self.psp(dense)
-            for t, head in self.heads.items():
-                y = head(feats)
-                out[t] = F.interpolate(y, size=label_size, mode="nearest") if label_size else y
+            out.update(self.dense_heads(dense))
         return out
+
+
+def compile_dense(model: CLIPTeX, criterion, backend: str = "inductor") -> None:
+    """``torch.compile`` the dense branch (PSP + heads) and the dense loss terms in place; the CLIP
+    towers and the contrastive loss stay eager. Each new (batch, crop) shape compiles once per process
+    (a handful with variable resolution; dynamo turns the sizes dynamic after the second)."""
+    if model.tasks:
+        model.dense_heads = torch.compile(model.dense_heads, backend=backend)
+        criterion.dense = torch.compile(criterion.dense, backend=backend)
 
 
 def build_model(cfg, saved: dict | None = None) -> tuple[CLIPTeX, dict, dict]:

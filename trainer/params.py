@@ -35,6 +35,7 @@ class ModelCfg:
     psp_dropout: float = 0.1
     head_layers: int = 1               # Table 6: 1 = point-wise conv (light), 3 = heavy head
     grad_checkpointing: bool = False
+    compile_dense: bool = False        # torch.compile the PSP, heads and dense losses (bench/g3_train.py measures it)
 
 
 @dataclass

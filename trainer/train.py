@@ -29,7 +29,7 @@ from trainer import checkpoint as ckpt
 from trainer import data as D
 from trainer import params
 from trainer.losses import CLIPTeXLoss
-from trainer.model import PretrainedUnavailable, build_model
+from trainer.model import PretrainedUnavailable, build_model, compile_dense
 
 log = logging.getLogger("trainer")
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
@@ -146,6 +146,8 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
     std = torch.tensor(preprocess["std"], device=device).view(1, 3, 1, 1) * 255
     ddp_model = DDP(model, device_ids=[local_rank] if cuda else None) if distributed else model
     criterion = CLIPTeXLoss(vars(cfg.loss), cfg.tasks, rank, world, cfg.loss.normal_kappa_weight)
+    if cfg.model.compile_dense:
+        compile_dense(model, criterion)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -222,16 +224,16 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = next(batches)
+        data_time = time.perf_counter() - t0  # waiting on the loader (open_clip's data_time)
         assert batch["step"] == step, (batch["step"], step)
         images = (batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().contiguous() - mean) / std
         texts = batch["text"].to(device, non_blocking=True)
         targets = D.labels_to_values(batch, label_kinds, device)
         if "normal" in targets:
             targets["normal"] = targets["normal"].permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
-        label_size = tuple(targets[label_kinds[0]].shape[-2:]) if label_kinds else None
 
         with autocast:
-            out = ddp_model(images, texts, label_size)
+            out = ddp_model(images, texts)
         loss, terms = criterion(out, targets)
         if cfg.run.nan_at_step == step + 1:
             loss = loss * float("nan")  # fault injection (tests): the guard below must stop the run
@@ -275,18 +277,20 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
 
         # ---- log
         if main_proc and (done % cfg.run.log_every == 0 or done == total_steps):
-            dt = time.perf_counter() - t0
+            step_time = time.perf_counter() - t0
             h, w = batch["image"].shape[1:3]
             rec = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr, "loss": means[0],
                    **{f"loss_{k}": v for k, v in zip(term_names, means[1:])},
                    "logit_scale": model.clip.logit_scale.exp().item(), "grad_norm": grad_norm.item(),
                    "batch_size": batch["image"].shape[0] * world, "resolution": [h, w],
-                   "samples_per_s": round(batch["image"].shape[0] * world / dt, 2),
+                   "samples_per_s": round(batch["image"].shape[0] * world / step_time, 2),
+                   "data_time": round(data_time, 4), "step_time": round(step_time, 4),
                    "skipped": {r: int(v) for r, v in zip(D.REASONS, skip_totals.tolist()) if v}}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if writer:
-                for k in ("loss", *[f"loss_{t}" for t in term_names], "lr", "logit_scale", "grad_norm", "samples_per_s"):
+                for k in ("loss", *[f"loss_{t}" for t in term_names], "lr", "logit_scale", "grad_norm", "samples_per_s",
+                          "data_time", "step_time"):
                     writer.add_scalar(f"train/{k}", rec[k], done)
             pbar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr:.2e}", res=f"{h}x{w}", refresh=False)
         pbar.update(1)
