@@ -122,7 +122,7 @@ def class_frequency(manifest: dict, path: Path) -> Path:
     _save(fig, path, dpi=90)
     # what the chart shows, read back from the drawn bars and tick labels: the numbers behind the
     # picture for a reader, and what the test compares with the manifest
-    from pipeline.shards import write_json_atomic
+    from pipeline.storage import write_json_atomic
 
     write_json_atomic(path.with_suffix(".json"), {
         "what": what, "title": ax.get_title(), "classes": [t.get_text() for t in ax.get_xticklabels()],

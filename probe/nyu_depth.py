@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shards import write_bytes_atomic
+from pipeline.storage import write_bytes_atomic
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shards import Sample, iter_samples, write_bytes_atomic
+from pipeline.shards import Sample, iter_samples
+from pipeline.storage import write_bytes_atomic
 
 INVALID_ROWS = 4
 
