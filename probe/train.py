@@ -306,7 +306,6 @@ def _probe(args, distributed, rank, world, local_rank, device) -> int:
             if step % cfg.run.ckpt_every == 0 or step == total_steps:
                 ckpt.save(run_dir, step, distributed=distributed, main=main_proc, model=head, optimizer=optimizer,
                           scaler=scaler, config=cfg.to_dict(), arch=encoder_info,
-                          scheduler={"step": step, "total_steps": total_steps},
                           data={"world_size": world, "positions": [], "seed": cfg.run.seed},
                           keep=cfg.run.keep_checkpoints)
             if step >= total_steps or (stop and step >= stop):
