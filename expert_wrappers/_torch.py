@@ -10,13 +10,12 @@ from collections.abc import Hashable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .base import Expert
+from .base import PRECISIONS, Expert
 
 DEFAULT_SEED = 0
 # "auto" per task on CUDA; everywhere else "auto" is fp32. The GPU benchmark's G4 (labels of bf16
 # autocast vs fp32 on the same images) is what these defaults rest on: see docs/EXPERTS.md.
 CUDA_DEFAULT_PRECISION = {"seg": "bf16", "depth": "bf16", "normal": "bf16"}
-PRECISIONS = ("auto", "bf16", "fp16", "fp32", "tf32")
 
 
 def resolve_precision(precision: str, device_type: str, task: str = "") -> str:
