@@ -13,10 +13,10 @@ TASKS ?=
 RUN ?=
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: help install sample test pseudolabel train preview bench download clean
+.PHONY: help install sample test pseudolabel train preview bench bench-gpu download clean
 
 help:
-	@echo 'targets: install sample test pseudolabel train preview bench download clean'
+	@echo 'targets: install sample test pseudolabel train preview bench bench-gpu download clean'
 	@echo 'e.g. make pseudolabel SHARDS=sample PROFILE=smoke; make train SHARDS=sample PROFILE=smoke STEPS=50'
 
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +49,10 @@ preview: install
 
 bench: install sample
 	$(OFFLINE) $(PY) -m bench.run
+
+# G1-G4 on the GPU (no Ray needed; bench/gpu_run.sh runs the same without the venv)
+bench-gpu: install sample
+	$(OFFLINE) $(PY) -m bench.run --device cuda
 
 download: install
 	$(PY) -m pipeline.download --shards $(SHARDS) --tsv "$(TSV)"

@@ -176,18 +176,23 @@ class TorchExpert(Expert):
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.on_cuda = self.device.type == "cuda"
-        self.precision_option = precision
-        self.precision = resolve_precision(precision, self.device.type, self.task)
-        if self.precision == "bf16" and self.on_cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"{self.task} expert: this GPU has no bf16; pass precision fp16, tf32 or fp32 "
-                             f"(CLI: --precision {self.task}=fp16)")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.set_precision(precision)
         self.pad_batches = self.on_cuda if pad_batches is None else bool(pad_batches)
         self.pin_memory = self.on_cuda if pin_memory is None else bool(pin_memory) and self.on_cuda
         # On a GPU the label codes are computed where the maps are (pipeline.labels_torch): the host
         # then only compresses and writes, and a map crosses the bus as 2 bytes per pixel, not 4
         # (12 for normals). On a CPU the worker's encode pool does the same work off the expert's thread.
         self.device_codes = self.on_cuda
+
+    def set_precision(self, precision: str) -> None:
+        """``precision`` as the constructor takes it (the benchmark compares precisions on one
+        model)."""
+        resolved = resolve_precision(precision, self.device.type, self.task)
+        if resolved == "bf16" and self.on_cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{self.task} expert: this GPU has no bf16; pass precision fp16, tf32 or fp32 "
+                             f"(CLI: --precision {self.task}=fp16)")
+        self.precision_option, self.precision = precision, resolved
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.eval().requires_grad_(False).to(self.device)

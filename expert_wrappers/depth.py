@@ -55,23 +55,41 @@ def smoke_config():
                      use_auxiliary_head=False)
 
 
+def large_config():
+    """``Intel/dpt-large``'s architecture (its config.json): ViT-L/16 at 384, taps 5/11/17/23."""
+    from transformers import DPTConfig
+
+    return DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                     image_size=NET_SIZE, patch_size=16, backbone_out_indices=[5, 11, 17, 23],
+                     neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256, readout_type="project",
+                     use_auxiliary_head=False)
+
+
+def random_model(config, seed: int = 0):
+    """A DPT with seeded random weights whose output varies: transformers' init (std 0.02) makes a
+    random DPT output ~1e-7 everywhere; torch's default init gives a map with visible structure,
+    closer to what downstream sees, and the final ReLU is kept mostly open."""
+    from transformers import DPTForDepthEstimation
+
+    with seeded(seed), torch.no_grad():
+        model = DPTForDepthEstimation(config)
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+                m.reset_parameters()
+        last = model.head.head[-2]
+        last.weight.mul_(20.0)
+        torch.nn.init.constant_(last.bias, 1.0)
+    return model
+
+
 def build_model(profile: str, checkpoint: str = DEFAULT_CHECKPOINT, weights: str | None = None, seed: int = 0):
     """Returns (model, name, checkpoints)."""
     from transformers import DPTForDepthEstimation
 
     if profile == "smoke":
-        with seeded(seed), torch.no_grad():
-            model = DPTForDepthEstimation(smoke_config())
-            # transformers' init (std 0.02) makes a random DPT output ~1e-7 everywhere; torch's
-            # default init gives a map with visible structure, closer to what downstream sees
-            for m in model.modules():
-                if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
-                    m.reset_parameters()
-            # and keep the final ReLU mostly open, so the map is positive and varies
-            last = model.head.head[-2]
-            last.weight.mul_(20.0)
-            torch.nn.init.constant_(last.bias, 1.0)
-        return model, "dpt-smoke (transformers DPT, random weights)", {}
+        return random_model(smoke_config(), seed), "dpt-smoke (transformers DPT, random weights)", {}
+    if profile == "random":
+        return random_model(large_config(), seed), "dpt-large architecture (random weights)", {}
     explicit = weights
     repo = checkpoint
     looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", checkpoint) is not None

@@ -72,6 +72,10 @@ def build_model(profile: str, variant: str = "BN", weights: str | None = None, s
         with seeded(seed):
             model = NNET(variant, arch="tf_efficientnet_b0_ap", widths=(64, 48, 32, 16), mlp_hidden=32)
         return model, f"nll-angmf-{variant}-b0-smoke (random weights)", {}
+    if profile == "random":
+        with seeded(seed):
+            model = NNET(variant)
+        return model, f"nll-angmf-{variant} architecture (random weights)", {}
     filename = CHECKPOINT_FILES[variant]
     path = W.resolve_file(
         filename, what=f"normal expert (NLL-AngMF, variant {variant})", subdir="nll_angmf", explicit=weights,

@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--shards", default="sample", help="manifest name (manifests/<name>.yaml) or a .yaml path")
-    ap.add_argument("--profile", default="default", help="experts profile: default | smoke | null")
+    ap.add_argument("--profile", default="default", help="experts profile: default | smoke | random (full-size, random weights) | null")
     ap.add_argument("--out", default=None, help="label output root (default: the manifest's output)")
     ap.add_argument("--tasks", default=",".join(labels.TASKS), help="comma-separated task trees")
     ap.add_argument("--label-scale", type=float, default=0.5,
