@@ -264,22 +264,29 @@ class TorchExpert(Expert):
         raise NotImplementedError
 
     def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
-        """Groups of equal ``batch_key`` -> preprocess -> forward (padded) -> postprocess per output
-        size -> one host hand-over per forward."""
+        """Groups of equal ``batch_key`` -> ``predict_batch`` each -> one host hand-over per batch."""
         check_images(images)
         out_hw = output_sizes(images, sizes)
         keys = [self.batch_key(im.shape[:2]) for im in images]
         res: list[dict] = [{} for _ in images]
         with torch.inference_mode():
             for idx in shape_groups(keys, self.max_batch):
-                y = self.forward(self.channels_last(self.padded(self.preprocess([images[i] for i in idx], keys[idx[0]]))))
-                y = y[:len(idx)]
-                entries = []
-                for hw, pos in same_size_runs([out_hw[i] for i in idx]):
-                    part = y if len(pos) == len(idx) else y[pos]
-                    entries += [(kind, t, [idx[j] for j in pos]) for kind, t in self.postprocess(part, hw).items()]
-                self.emit_many(entries, res)
+                maps = self.predict_batch([images[i] for i in idx], [out_hw[i] for i in idx], keys[idx[0]],
+                                          [res[i] for i in idx])
+                self.emit_many([(kind, t, [idx[j] for j in pos]) for kind, t, pos in maps], res)
         return res
+
+    def predict_batch(self, images: list[np.ndarray], sizes: list[tuple[int, int]], key, out: list[dict]
+                      ) -> list[tuple[str, torch.Tensor, list[int]]]:
+        """One batch of equal ``key``: preprocess -> forward (padded) -> postprocess per output size.
+        Returns ``(kind, maps (b, H, W[, 3]), positions in the batch)`` for the device maps; host
+        values go straight into ``out`` (one dict per image)."""
+        y = self.forward(self.channels_last(self.padded(self.preprocess(images, key))))[:len(images)]
+        entries = []
+        for hw, pos in same_size_runs(sizes):
+            part = y if len(pos) == len(images) else y[pos]
+            entries += [(kind, t, pos) for kind, t in self.postprocess(part, hw).items()]
+        return entries
 
     def warm_up(self, image_sizes: Sequence[tuple[int, int]]) -> dict:
         """Run one full batch of each distinct input shape these image sizes map to, so that the

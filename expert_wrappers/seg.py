@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as W
-from ._torch import TorchExpert, check_images, output_sizes, resize_on_device, seeded, shape_groups
+from ._torch import TorchExpert, resize_on_device, seeded
 from .base import MissingDependencyError
 from .panoptic import Detections, from_detectron2, from_torchvision, instances_to_semantic
 
@@ -359,30 +359,23 @@ class MaskRCNNExpert(TorchExpert):
             outs = self.model(inputs)
         return [from_detectron2(o["instances"]) for o in outs[:n]]
 
-    def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
-        check_images(images)
-        out_hw = output_sizes(images, sizes)
-        keys = [self.batch_key(im.shape[:2]) for im in images]
-        res: list[dict] = [{} for _ in images]
-        with torch.inference_mode():
-            for idx in shape_groups(keys, self.max_batch):
-                batch = [images[i] for i in idx]
-                paste_hw = [out_hw[i] if self.paste_at == "label" else im.shape[:2] for i, im in zip(idx, batch)]
-                entries = []
-                for i, im, det, hw in zip(idx, batch, self.detect(batch, paste_hw), paste_hw):
-                    if self.sam is not None:
-                        det = self.sam.refine(im, det)
-                    painted: list[int] = []
-                    seg, conf = instances_to_semantic(
-                        det, hw, score_threshold=self.score_threshold,
-                        overlap_threshold=self.overlap_threshold, ignore_threshold=self.ignore_threshold,
-                        confidence=self.confidence, painted=painted)
-                    res[i]["instance_classes"] = np.array(painted, np.int64)
-                    entries.append(("seg", resize_on_device("seg", seg, out_hw[i])[None], [i]))
-                    if conf is not None:
-                        entries.append(("seg_conf", resize_on_device("seg_conf", conf, out_hw[i])[None], [i]))
-                self.emit_many(entries, res)
-        return res
+    def predict_batch(self, images: list[np.ndarray], sizes: list[tuple[int, int]], key, out: list[dict]):
+        """Detections (masks at the label size, or at the image's with ``paste_at="image"``) ->
+        SAM refinement -> the panoptic rule -> the class map at ``sizes``."""
+        paste_hw = [hw if self.paste_at == "label" else im.shape[:2] for hw, im in zip(sizes, images)]
+        entries = []
+        for j, (im, det, hw) in enumerate(zip(images, self.detect(images, paste_hw), paste_hw)):
+            if self.sam is not None:
+                det = self.sam.refine(im, det)
+            painted: list[int] = []
+            seg, conf = instances_to_semantic(
+                det, hw, score_threshold=self.score_threshold, overlap_threshold=self.overlap_threshold,
+                ignore_threshold=self.ignore_threshold, confidence=self.confidence, painted=painted)
+            out[j]["instance_classes"] = np.array(painted, np.int64)
+            entries.append(("seg", resize_on_device("seg", seg, sizes[j])[None], [j]))
+            if conf is not None:
+                entries.append(("seg_conf", resize_on_device("seg_conf", conf, sizes[j])[None], [j]))
+        return entries
 
     def describe(self) -> dict:
         d = super().describe()
