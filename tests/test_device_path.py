@@ -17,7 +17,6 @@ from pipeline.shards import Sample, iter_samples, tar_bytes
 from pipeline.worker import WorkerConfig, process_shard
 
 pytestmark = pytest.mark.timeout(300)
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 
 
 def sample_images(sample_dir: Path, n: int | None = None) -> list[np.ndarray]:
@@ -283,14 +282,13 @@ def test_precision_resolves_per_device_and_is_described():
     assert resolve_precision("tf32", "cpu") == "fp32" and resolve_precision("tf32", "cuda") == "tf32"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("int8", "cpu")
-    images = sample_images(SAMPLE if SAMPLE.is_dir() else Path("."), 1) if SAMPLE.is_dir() else None
     e = build_expert("depth", "smoke", precision="bf16")
     assert e.describe()["precision"] == "bf16" and e.label_settings() == {"precision": "bf16", "device_codes": False}
     assert e.label_settings("cuda") == {"precision": "bf16", "device_codes": True}
     auto = build_expert("depth", "smoke")
     assert auto.label_settings() == {"precision": "fp32", "device_codes": False}
     assert auto.label_settings("cuda")["precision"] == "bf16"
-    img = np.asarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3)), np.uint8) if images is None else images[0]
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     a, b = auto.predict([img])[0]["depth"], e.predict([img])[0]["depth"]
     assert not np.array_equal(a, b)  # bf16 autocast really ran
     assert np.abs(a - b).mean() < 0.05 * np.abs(a).mean()
@@ -355,6 +353,15 @@ def test_a_worker_whose_experts_differ_from_the_plan_refuses_to_start():
                        label_settings={t: {"device_codes": True} for t in labels.TASKS})
     with pytest.raises(RuntimeError, match="planned"):
         ShardWorker(bad)
+
+
+def test_a_worker_warms_its_experts_up_on_the_given_sizes():
+    from pipeline.worker import ShardWorker
+
+    w = ShardWorker(WorkerConfig(tasks=("depth",), profile="smoke", device="cpu", torch_threads=1,
+                                 warm_up_sizes=((64, 96), (66, 98), (96, 64))))
+    assert w.info()["warm_up"]["depth"]["shapes"] == 2  # (64, 96) and (66, 98) share an input shape
+    assert ShardWorker(WorkerConfig(tasks=("depth",), profile="smoke", device="cpu")).info()["warm_up"] == {}
 
 
 def test_cli_precision_sets_each_expert_option():
