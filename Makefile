@@ -23,10 +23,10 @@ ARCH ?=
 RUNS ?= runs/probe runs/zeroshot
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: help install sample test pseudolabel train preview bench download docker clean probe zeroshot probe-table
+.PHONY: help install sample test pseudolabel train preview bench bench-gpu download docker clean probe zeroshot probe-table
 
 help:
-	@echo 'targets: install sample test pseudolabel train preview bench download docker clean probe zeroshot probe-table'
+	@echo 'targets: install sample test pseudolabel train preview bench bench-gpu download docker clean probe zeroshot probe-table'
 	@echo 'e.g. make pseudolabel SHARDS=sample PROFILE=smoke; make train SHARDS=sample PROFILE=smoke STEPS=50'
 	@echo '     make probe TASK=seg HEAD=linear DATA=/data/VOC CKPT=runs/<run>/export; make zeroshot DATA=... CKPT=...'
 
@@ -74,6 +74,10 @@ zeroshot: install
 
 probe-table: install
 	$(PY) -m probe.table $(RUNS)
+
+# G1-G4 on the GPU (no Ray needed; bench/gpu_run.sh runs the same without the venv)
+bench-gpu: install sample
+	$(OFFLINE) $(PY) -m bench.run --device cuda
 
 download: install
 	$(PY) -m pipeline.download --shards $(SHARDS) --tsv "$(TSV)"

@@ -36,21 +36,11 @@ def load_sample_images(sample_dir: str | Path, limit: int | None = None) -> list
     return images
 
 
-def _batches(task: str, expert, images: list[np.ndarray]) -> list[list[int]]:
-    """The wrapper's own batching: fixed-size chunks (seg) or equal-input-shape groups."""
-    from expert_wrappers._torch import chunks, shape_groups
+def _batches(expert, images: list[np.ndarray]) -> list[list[int]]:
+    """The wrapper's own batching: groups of equal network input shape (``batch_key``)."""
+    from expert_wrappers._torch import shape_groups
 
-    if task == "seg":
-        return [list(r) for r in chunks(len(images), expert.max_batch)]
-    if task == "depth":
-        from expert_wrappers.depth import dpt_input_size
-
-        shapes = [dpt_input_size(*im.shape[:2], expert.net_size) + im.shape[:2] for im in images]
-    else:
-        from expert_wrappers.normal import nll_input_size
-
-        shapes = [nll_input_size(*im.shape[:2], expert.target_pixels) + im.shape[:2] for im in images]
-    return shape_groups(shapes, expert.max_batch)
+    return shape_groups([expert.batch_key(im.shape[:2]) for im in images], expert.max_batch)
 
 
 def _bare(task: str, expert, images: list[np.ndarray], idx: list[int]):
@@ -58,7 +48,8 @@ def _bare(task: str, expert, images: list[np.ndarray], idx: list[int]):
     if task == "seg":
         x = [expert.to_device(images[i]).float().div_(255.0) for i in idx]
         return x, expert.model
-    x = expert.preprocess(images, idx)
+    x = expert.channels_last(expert.padded(expert.preprocess([images[i] for i in idx],
+                                                              expert.batch_key(images[idx[0]].shape[:2]))))
     if task == "depth":
         from expert_wrappers.depth import dpt_forward
 
@@ -98,7 +89,7 @@ def _run(images, tasks, device, build_experts) -> dict:
         # whichever side ran first would otherwise pay for all of them
         expert.predict(images)
         bare_cpu = bare_wall = wrap_cpu = wrap_wall = 0.0
-        for j, idx in enumerate(_batches(task, expert, images)):
+        for j, idx in enumerate(_batches(expert, images)):
             with torch.inference_mode():
                 x, model = _bare(task, expert, images, idx)
 

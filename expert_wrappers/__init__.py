@@ -1,12 +1,14 @@
 """Expert models behind one interface (see base.py).
 
     from expert_wrappers import build_expert, build_experts
-    seg = build_expert("seg", profile="smoke")            # default | smoke | null
+    seg = build_expert("seg", profile="smoke")            # default | smoke | random | null
     maps = seg.predict([rgb_uint8_hxwx3, ...])            # [{"seg": uint8 (H, W)}, ...]
 
 Profiles: "default" — the real pretrained experts (weights resolved as in weights.py; may download
 on a machine with internet); "smoke" — the same architectures with small seeded random weights,
-offline, about a second per image for all three on one CPU core; "null" — constant maps, no model.
+offline, about a second per image for all three on one CPU core; "random" — the default
+architectures at full size with seeded random weights (throughput on a GPU without any weight
+file: ``make bench-gpu``); "null" — constant maps, no model.
 
 Importing this package is cheap; torch and the model libraries load when an expert is built.
 """
@@ -16,7 +18,7 @@ from pipeline.labels import TASKS
 
 from .base import Expert, MissingDependencyError, MissingWeightsError
 
-PROFILES = ("default", "smoke", "null")
+PROFILES = ("default", "smoke", "random", "null")
 
 __all__ = ["Expert", "MissingWeightsError", "MissingDependencyError", "build_expert", "build_experts",
            "TASKS", "PROFILES", "NORMAL_CONVENTION"]
@@ -32,7 +34,8 @@ def build_expert(task: str, profile: str = "default", device: str = "cpu", **opt
     depth  — checkpoint ("Intel/dpt-large" | "Intel/dpt-hybrid-midas" | local dir), weights
              (local model dir), net_size (384), max_batch
     normal — variant ("BN" = scannet.pt | "GN" = nyu.pt), weights (path), target_pixels, max_batch
-    all    — seed (smoke profile only)
+    all    — seed (smoke and random profiles); torch experts: max_batch, precision (auto | bf16 |
+             fp16 | fp32 | tf32), pad_batches, pin_memory (see expert_wrappers._torch.TorchExpert)
 
     Raises MissingWeightsError (default profile, weights not available) or
     MissingDependencyError (an optional backend is not installed).

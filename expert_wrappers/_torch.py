@@ -2,15 +2,56 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .base import Expert
+from .base import PRECISIONS, Expert
 
 DEFAULT_SEED = 0
+# "auto" per task on CUDA; everywhere else "auto" is fp32. The GPU benchmark's G4 (labels of bf16
+# autocast vs fp32 on the same images) is what these defaults rest on: see docs/EXPERTS.md.
+CUDA_DEFAULT_PRECISION = {"seg": "bf16", "depth": "bf16", "normal": "bf16"}
+
+
+def resolve_precision(precision: str, device_type: str, task: str = "") -> str:
+    """The precision an expert of ``task`` runs at on ``device_type``: bf16 / fp16 (autocast),
+    fp32 (TF32 off for matmuls and cuDNN convolutions) or tf32 (float32 tensors, TF32 tensor-core
+    maths). TF32 exists on CUDA only, so elsewhere it is fp32. A pure function of its arguments:
+    the job's driver uses it to predict, before any worker starts, what workers will run."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return CUDA_DEFAULT_PRECISION.get(task, "bf16") if device_type == "cuda" else "fp32"
+    if precision == "tf32" and device_type != "cuda":
+        return "fp32"
+    return precision
+
+
+@contextlib.contextmanager
+def float32_matmul_mode(tf32: bool):
+    """TF32 on or off for CUDA matmuls and cuDNN convolutions inside the block (process-wide flags:
+    two experts that want different modes must not run at the same time)."""
+    mode = "tf32" if tf32 else "ieee"
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        old = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision = conv.fp32_precision = mode
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = old
+        return
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def output_sizes(images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -70,16 +111,43 @@ def check_images(images: Sequence[np.ndarray]) -> None:
             raise ValueError(f"image {i} is empty: {img.shape}")
 
 
-def shape_groups(shapes: Sequence[tuple[int, int]], max_batch: int) -> list[list[int]]:
-    """Indices grouped by equal network-input shape, each group cut into batches of ``max_batch``.
+def shape_groups(shapes: Sequence[Hashable], max_batch: int) -> list[list[int]]:
+    """Indices grouped by equal network-input shape (any hashable key), each group cut into
+    batches of ``max_batch``, groups in order of first appearance.
 
     Experts whose output depends on padding (a ViT attends to it; align_corners upsampling shifts
     with it) batch only equal shapes, so an image's labels never depend on its batch neighbours.
     """
-    groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+    groups: OrderedDict[Hashable, list[int]] = OrderedDict()
     for i, s in enumerate(shapes):
-        groups.setdefault(tuple(s), []).append(i)
+        groups.setdefault(tuple(s) if isinstance(s, list) else s, []).append(i)
     return [idx[k:k + max_batch] for idx in groups.values() for k in range(0, len(idx), max_batch)]
+
+
+def same_size_runs(sizes: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], list[int]]]:
+    """Positions grouped by equal output size (first appearance order): one resize per group."""
+    groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+    for j, hw in enumerate(sizes):
+        groups.setdefault(tuple(hw), []).append(j)
+    return list(groups.items())
+
+
+def fixed_input_shapes(shapes, multiple: int) -> tuple[tuple[int, int], ...] | None:
+    """Validates an expert's ``input_shapes`` option: (h, w) pairs, multiples of ``multiple``."""
+    if shapes is None:
+        return None
+    out = tuple((int(h), int(w)) for h, w in shapes)
+    if not out or any(h < multiple or w < multiple or h % multiple or w % multiple for h, w in out):
+        raise ValueError(f"input_shapes must be (h, w) pairs, multiples of {multiple}, got {shapes!r}")
+    return out
+
+
+def fixed_input_shape(image_hw: tuple[int, int], shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The shape of ``shapes`` whose aspect ratio is nearest the image's (in log ratio; ties: the
+    first listed). The image is squashed to it, as the official NLL-AngMF demo squashes every
+    image to 640x480: fewer distinct shapes for a slightly distorted input."""
+    ar = math.log(image_hw[1] / image_hw[0])
+    return min(shapes, key=lambda s: abs(math.log(s[1] / s[0]) - ar))
 
 
 def chunks(n: int, size: int) -> Iterator[range]:
@@ -101,23 +169,50 @@ def multiple_of(x: float, m: int = 32, lo: int | None = None) -> int:
 
 
 class TorchExpert(Expert):
-    """Base for torch experts: inference mode always; on CUDA bf16 (fp16 where bf16 is not
-    supported) autocast and channels_last; on CPU plain fp32, which is deterministic."""
+    """Base for torch experts: inference mode always; on CUDA channels_last and, by default, bf16
+    autocast; on CPU plain fp32, which is deterministic.
 
-    def __init__(self, device: str | torch.device = "cpu", max_batch: int = 8) -> None:
+    Common options (every torch expert's ``build`` accepts them):
+
+    - ``max_batch``: images per forward.
+    - ``precision``: ``auto`` | ``bf16`` | ``fp16`` | ``fp32`` | ``tf32`` (``resolve_precision``).
+    - ``pad_batches``: fill a partial batch up to ``max_batch`` with copies of its last image,
+      whose outputs are dropped, so every forward has the same batch size: the GPU meets one
+      (batch, shape) pair per input shape, and labels do not depend on how many neighbours an
+      image had (on CPU a batch of 1 can take another kernel than a batch of 2). Default: on CUDA.
+    - ``pin_memory``: stage images in pinned host memory and copy them without blocking the host.
+      Default: on CUDA.
+    - ``device_codes``: hand over ``labels.Codes`` made on the device (set after construction).
+
+    Subclasses that batch by network input shape implement ``batch_key`` (the input shape),
+    ``preprocess``, ``forward`` and ``postprocess`` and inherit ``predict``.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", max_batch: int = 8, precision: str = "auto",
+                 pad_batches: bool | None = None, pin_memory: bool | None = None) -> None:
         super().__init__()
         self.device = torch.device(device)
         self.max_batch = int(max_batch)
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.on_cuda = self.device.type == "cuda"
-        self.amp_dtype = None
-        if self.on_cuda:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.set_precision(precision)
+        self.pad_batches = self.on_cuda if pad_batches is None else bool(pad_batches)
+        self.pin_memory = self.on_cuda if pin_memory is None else bool(pin_memory) and self.on_cuda
         # On a GPU the label codes are computed where the maps are (pipeline.labels_torch): the host
-        # then only compresses and writes, and a map crosses the bus as uint16, not float32 (x3 for
-        # normals). On a CPU the worker's encode pool does the same work off the expert's thread.
+        # then only compresses and writes, and a map crosses the bus as 2 bytes per pixel, not 4
+        # (12 for normals). On a CPU the worker's encode pool does the same work off the expert's thread.
         self.device_codes = self.on_cuda
+
+    def set_precision(self, precision: str) -> None:
+        """``precision`` as the constructor takes it (the benchmark compares precisions on one
+        model)."""
+        resolved = resolve_precision(precision, self.device.type, self.task)
+        if resolved == "bf16" and self.on_cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{self.task} expert: this GPU has no bf16; pass precision fp16, tf32 or fp32 "
+                             f"(CLI: --precision {self.task}=fp16)")
+        self.precision_option, self.precision = precision, resolved
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.eval().requires_grad_(False).to(self.device)
@@ -126,32 +221,123 @@ class TorchExpert(Expert):
         return model
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        """The precision context of a forward pass."""
+        if self.amp_dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        if self.on_cuda:
+            return float32_matmul_mode(tf32=self.precision == "tf32")
+        return contextlib.nullcontext()
 
     def to_device(self, img: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) -> uint8 (3, H, W) on the device; the float conversion happens there,
-        so only a quarter of the bytes cross the bus."""
+        so only a quarter of the bytes cross the bus. With ``pin_memory`` the copy is queued from
+        pinned memory and the host goes on at once."""
         if not img.flags.writeable:  # torch wants writable memory; decoded frames can be read-only
             img = img.copy()
-        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-        return t.to(self.device, non_blocking=True)
+        t = torch.from_numpy(np.ascontiguousarray(img))
+        if self.pin_memory:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=self.pin_memory).permute(2, 0, 1)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """A partial batch filled up to ``max_batch`` with its last image (see ``pad_batches``)."""
+        n = x.shape[0]
+        if not self.pad_batches or n >= self.max_batch:
+            return x
+        return torch.cat([x, x[-1:].expand(self.max_batch - n, *x.shape[1:])])
 
     def emit(self, kind: str, t: torch.Tensor):
         """One output map: ``labels.Codes`` when ``device_codes`` is on, else a host numpy array."""
-        if self.device_codes:
-            from pipeline import labels_torch
+        out: list[dict] = [{}]
+        self.emit_many([(kind, t[None], [0])], out)
+        return out[0][kind]
 
-            return labels_torch.to_codes(kind, t)
-        return t.cpu().numpy()
+    def emit_many(self, entries: Sequence[tuple[str, torch.Tensor, Sequence[int]]], out: list[dict]) -> None:
+        """``(kind, maps (B, H, W[, 3]), image indices)`` -> ``out[index][kind]``: ``labels.Codes``
+        (``device_codes``) or host arrays. Every entry crosses to the host in one copy."""
+        from pipeline import labels_torch
+
+        if self.device_codes:
+            converted = labels_torch.to_codes_many([(kind, t) for kind, t, _ in entries])
+        else:
+            converted = labels_torch.to_host([t for _, t, _ in entries])
+        for (kind, _, ids), values in zip(entries, converted):
+            for j, i in enumerate(ids):
+                out[i][kind] = values[j]
 
     def channels_last(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.on_cuda else x.contiguous()
 
+    # -- batching by network input shape ---------------------------------------------------------
+
+    def batch_key(self, image_hw: tuple[int, int]) -> Hashable:
+        """Images with equal keys can share a forward (the worker buckets by it). None: any."""
+        return None
+
+    def preprocess(self, images: list[np.ndarray], key) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def postprocess(self, y: torch.Tensor, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
+        """Groups of equal ``batch_key`` -> ``predict_batch`` each -> one host hand-over per batch."""
+        check_images(images)
+        out_hw = output_sizes(images, sizes)
+        keys = [self.batch_key(im.shape[:2]) for im in images]
+        res: list[dict] = [{} for _ in images]
+        with torch.inference_mode():
+            for idx in shape_groups(keys, self.max_batch):
+                maps = self.predict_batch([images[i] for i in idx], [out_hw[i] for i in idx], keys[idx[0]],
+                                          [res[i] for i in idx])
+                self.emit_many([(kind, t, [idx[j] for j in pos]) for kind, t, pos in maps], res)
+        return res
+
+    def predict_batch(self, images: list[np.ndarray], sizes: list[tuple[int, int]], key, out: list[dict]
+                      ) -> list[tuple[str, torch.Tensor, list[int]]]:
+        """One batch of equal ``key``: preprocess -> forward (padded) -> postprocess per output size.
+        Returns ``(kind, maps (b, H, W[, 3]), positions in the batch)`` for the device maps; host
+        values go straight into ``out`` (one dict per image)."""
+        y = self.forward(self.channels_last(self.padded(self.preprocess(images, key))))[:len(images)]
+        entries = []
+        for hw, pos in same_size_runs(sizes):
+            part = y if len(pos) == len(images) else y[pos]
+            entries += [(kind, t, pos) for kind, t in self.postprocess(part, hw).items()]
+        return entries
+
+    def warm_up(self, image_sizes: Sequence[tuple[int, int]]) -> dict:
+        """Run one full batch of each distinct input shape these image sizes map to, so that the
+        first real batches do not pay the device's per-shape set-up (cuDNN picks, and for fused
+        engines compiles, kernels per shape). Returns {"shapes": n, "seconds": s}."""
+        t0 = time.perf_counter()
+        seen: dict = {}
+        for hw in image_sizes:
+            seen.setdefault(self.batch_key(tuple(hw)), tuple(hw))
+        for hw in seen.values():
+            img = np.zeros(tuple(hw) + (3,), np.uint8)
+            self.predict([img] * self.max_batch)
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        return {"shapes": len(seen), "seconds": round(time.perf_counter() - t0, 3)}
+
     def describe(self) -> dict:
         d = super().describe()
         d["device"] = str(self.device)
-        d["precision"] = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32"
+        d["precision"] = self.precision
         d["device_codes"] = self.device_codes
+        d["max_batch"] = self.max_batch
+        d["pad_batches"] = self.pad_batches
         return d
+
+    def label_settings(self, device_type: str | None = None) -> dict:
+        """The settings that change this expert's labels beyond the last bits (recorded in the
+        manifest and in the job's resume fingerprint): as it runs now, or as the same options
+        would run on ``device_type`` with the default ``device_codes`` (the job's driver builds
+        experts on CPU and predicts what GPU workers will run)."""
+        if device_type is None:
+            return {"precision": self.precision, "device_codes": self.device_codes}
+        return {"precision": resolve_precision(self.precision_option, device_type, self.task),
+                "device_codes": device_type == "cuda"}

@@ -19,6 +19,10 @@ import abc
 
 import numpy as np
 
+# precision options of torch experts (``_torch.resolve_precision``); here so CLIs can check them
+# without importing torch
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "tf32")
+
 
 class MissingWeightsError(RuntimeError):
     """Weights needed by the default profile are not available (offline, or a file with no public

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as W
-from ._torch import TorchExpert, check_images, output_sizes, seeded, shape_groups
+from ._torch import TorchExpert, fixed_input_shape, fixed_input_shapes, seeded
 
 DEFAULT_CHECKPOINT = "Intel/dpt-large"
 CHECKPOINTS = ("Intel/dpt-large", "Intel/dpt-hybrid-midas")
@@ -55,23 +55,41 @@ def smoke_config():
                      use_auxiliary_head=False)
 
 
+def large_config():
+    """``Intel/dpt-large``'s architecture (its config.json): ViT-L/16 at 384, taps 5/11/17/23."""
+    from transformers import DPTConfig
+
+    return DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                     image_size=NET_SIZE, patch_size=16, backbone_out_indices=[5, 11, 17, 23],
+                     neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256, readout_type="project",
+                     use_auxiliary_head=False)
+
+
+def random_model(config, seed: int = 0):
+    """A DPT with seeded random weights whose output varies: transformers' init (std 0.02) makes a
+    random DPT output ~1e-7 everywhere; torch's default init gives a map with visible structure,
+    closer to what downstream sees, and the final ReLU is kept mostly open."""
+    from transformers import DPTForDepthEstimation
+
+    with seeded(seed), torch.no_grad():
+        model = DPTForDepthEstimation(config)
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+                m.reset_parameters()
+        last = model.head.head[-2]
+        last.weight.mul_(20.0)
+        torch.nn.init.constant_(last.bias, 1.0)
+    return model
+
+
 def build_model(profile: str, checkpoint: str = DEFAULT_CHECKPOINT, weights: str | None = None, seed: int = 0):
     """Returns (model, name, checkpoints)."""
     from transformers import DPTForDepthEstimation
 
     if profile == "smoke":
-        with seeded(seed), torch.no_grad():
-            model = DPTForDepthEstimation(smoke_config())
-            # transformers' init (std 0.02) makes a random DPT output ~1e-7 everywhere; torch's
-            # default init gives a map with visible structure, closer to what downstream sees
-            for m in model.modules():
-                if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
-                    m.reset_parameters()
-            # and keep the final ReLU mostly open, so the map is positive and varies
-            last = model.head.head[-2]
-            last.weight.mul_(20.0)
-            torch.nn.init.constant_(last.bias, 1.0)
-        return model, "dpt-smoke (transformers DPT, random weights)", {}
+        return random_model(smoke_config(), seed), "dpt-smoke (transformers DPT, random weights)", {}
+    if profile == "random":
+        return random_model(large_config(), seed), "dpt-large architecture (random weights)", {}
     explicit = weights
     repo = checkpoint
     looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", checkpoint) is not None
@@ -119,50 +137,49 @@ class DPTExpert(TorchExpert):
     task = "depth"
 
     def __init__(self, model, *, name: str, device="cpu", max_batch: int = 8, net_size: int = NET_SIZE,
-                 checkpoints: dict | None = None) -> None:
-        super().__init__(device, max_batch)
+                 input_shapes=None, checkpoints: dict | None = None, **common) -> None:
+        super().__init__(device, max_batch, **common)
         allow_any_input_size(model)
         self.model = self.prepare(model)
         self.name = name
         self.net_size = int(net_size)
+        self.input_shapes = fixed_input_shapes(input_shapes, MULTIPLE)
         self.checkpoints.update(checkpoints or {})
 
-    def preprocess(self, images: list[np.ndarray], idx: list[int]) -> torch.Tensor:
-        h, w = dpt_input_size(*images[idx[0]].shape[:2], self.net_size)
-        batch = torch.stack([self.to_device(images[i]) for i in idx]).float()
+    def batch_key(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """The network input shape: DPT's minimal aspect-kept resize, or the nearest fixed shape."""
+        if self.input_shapes:
+            return fixed_input_shape(image_hw, self.input_shapes)
+        return dpt_input_size(*image_hw, self.net_size)
+
+    def preprocess(self, images: list[np.ndarray], key: tuple[int, int]) -> torch.Tensor:
         # on float like DPT's cv2.INTER_CUBIC on img / 255: torch's faster uint8 bicubic clips
-        # between its two passes and moves some edge pixels by up to 9 levels
-        x = F.interpolate(batch, size=(h, w), mode="bicubic", align_corners=False)
-        return self.channels_last(x.div_(255.0).sub_(0.5).div_(0.5))
+        # between its two passes and moves some edge pixels by up to 9 levels (and is CPU-only)
+        x = torch.cat([F.interpolate(self.to_device(im)[None].float(), size=key, mode="bicubic", align_corners=False)
+                       for im in images])
+        return x.div_(255.0).sub_(0.5).div_(0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             return dpt_forward(self.model, x).float()
 
-    def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
-        check_images(images)
-        out_hw = output_sizes(images, sizes)
-        out: list[dict | None] = [None] * len(images)
-        shapes = [dpt_input_size(*im.shape[:2], self.net_size) + hw for im, hw in zip(images, out_hw)]
-        with torch.inference_mode():
-            # equal input *and* output shapes share a batch, so the resize back is one call too
-            for idx in shape_groups(shapes, self.max_batch):
-                pred = self.forward(self.preprocess(images, idx))
-                pred = F.interpolate(pred[:, None], size=out_hw[idx[0]], mode="bicubic", align_corners=False)[:, 0]
-                pred = pred.clamp_(min=0)
-                for j, i in enumerate(idx):
-                    out[i] = {"depth": self.emit("depth", pred[j])}
-        return out  # type: ignore[return-value]
+    def postprocess(self, pred: torch.Tensor, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Bicubic to the asked size, as the original resizes to the image; clamped at 0 because
+        bicubic overshoot would otherwise make small negative inverse depths."""
+        pred = F.interpolate(pred[:, None], size=hw, mode="bicubic", align_corners=False)[:, 0]
+        return {"depth": pred.clamp_(min=0)}
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(net_size=self.net_size, output="relative inverse depth (larger = nearer), >= 0")
+        d.update(net_size=self.net_size, input_shapes=self.input_shapes, output="relative inverse depth (larger = nearer), >= 0")
         return d
 
 
 def build(profile: str = "default", device: str = "cpu", *, checkpoint: str = DEFAULT_CHECKPOINT,
           weights: str | None = None, seed: int = 0, **options) -> DPTExpert:
     """Options: checkpoint ('Intel/dpt-large' | 'Intel/dpt-hybrid-midas' | local dir), weights
-    (local model directory), max_batch, net_size."""
+    (local model directory), net_size, input_shapes (a fixed set of (h, w) network inputs; each
+    image is squashed to the one nearest its aspect ratio), and the common ones of
+    ``TorchExpert`` (max_batch, precision, pad_batches, pin_memory)."""
     model, name, ckpts = build_model(profile, checkpoint, weights, seed)
     return DPTExpert(model, name=name, device=device, checkpoints=ckpts, **options)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as W
-from ._torch import TorchExpert, check_images, multiple_of, output_sizes, seeded, shape_groups
+from ._torch import TorchExpert, fixed_input_shape, fixed_input_shapes, multiple_of, seeded
 from .nll_angmf import NNET, official_state_dict
 
 NORMAL_CONVENTION = """\
@@ -72,6 +72,10 @@ def build_model(profile: str, variant: str = "BN", weights: str | None = None, s
         with seeded(seed):
             model = NNET(variant, arch="tf_efficientnet_b0_ap", widths=(64, 48, 32, 16), mlp_hidden=32)
         return model, f"nll-angmf-{variant}-b0-smoke (random weights)", {}
+    if profile == "random":
+        with seeded(seed):
+            model = NNET(variant)
+        return model, f"nll-angmf-{variant} architecture (random weights)", {}
     filename = CHECKPOINT_FILES[variant]
     path = W.resolve_file(
         filename, what=f"normal expert (NLL-AngMF, variant {variant})", subdir="nll_angmf", explicit=weights,
@@ -88,52 +92,50 @@ class NormalExpert(TorchExpert):
     task = "normal"
 
     def __init__(self, model, *, name: str, device="cpu", max_batch: int = 4, target_pixels: int = TARGET_PIXELS,
-                 checkpoints: dict | None = None) -> None:
-        super().__init__(device, max_batch)
+                 input_shapes=None, checkpoints: dict | None = None, **common) -> None:
+        super().__init__(device, max_batch, **common)
         self.model = self.prepare(model)
         self.name = name
         self.target_pixels = int(target_pixels)
+        self.input_shapes = fixed_input_shapes(input_shapes, 32)
         self.checkpoints.update(checkpoints or {})
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
         self._to_ours = NATIVE_TO_OURS.to(self.device)
 
-    def preprocess(self, images: list[np.ndarray], idx: list[int]) -> torch.Tensor:
-        hw = nll_input_size(*images[idx[0]].shape[:2], self.target_pixels)
-        x = torch.stack([self.to_device(images[i]) for i in idx])
-        if tuple(x.shape[-2:]) != hw:
-            # on uint8, antialiased bilinear is torch's PIL-compatible path: the official loader
-            # resizes the uint8 image with PIL's bilinear
-            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
-        return self.channels_last((x.float() - self._mean) / self._std)
+    def batch_key(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """The network input shape: aspect kept at the demo's area, or the nearest fixed shape."""
+        if self.input_shapes:
+            return fixed_input_shape(image_hw, self.input_shapes)
+        return nll_input_size(*image_hw, self.target_pixels)
+
+    def preprocess(self, images: list[np.ndarray], key: tuple[int, int]) -> torch.Tensor:
+        """Antialiased bilinear (PIL's bilinear, as the official loader resizes) on float: torch
+        has that kernel for uint8 on CPU only, so every device takes the float path (it differs
+        from the uint8 one by at most one grey level: the uint8 kernel rounds)."""
+        xs = []
+        for im in images:
+            x = self.to_device(im)[None].float()
+            if tuple(x.shape[-2:]) != tuple(key):
+                x = F.interpolate(x, size=key, mode="bilinear", align_corners=False, antialias=True)
+            xs.append(x)
+        return (torch.cat(xs) - self._mean) / self._std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             return self.model(x)[-1].float()  # the full-resolution prediction
 
-    def postprocess(self, out: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def postprocess(self, out: torch.Tensor, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
         """(B, 4, h, w) native -> normals (B, H, W, 3) in our frame, kappa (B, H, W), contiguous."""
         if tuple(out.shape[-2:]) != tuple(hw):
             out = F.interpolate(out, size=hw, mode="bilinear", align_corners=False)
         n = torch.matmul(out[:, :3].permute(0, 2, 3, 1), self._to_ours.T)  # also makes it (B, H, W, 3)
         n = n.mul_(torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min_(1e-6).reciprocal_())
-        return n, out[:, 3].contiguous()
-
-    def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
-        check_images(images)
-        out_hw = output_sizes(images, sizes)
-        res: list[dict | None] = [None] * len(images)
-        shapes = [nll_input_size(*im.shape[:2], self.target_pixels) + hw for im, hw in zip(images, out_hw)]
-        with torch.inference_mode():
-            for idx in shape_groups(shapes, self.max_batch):
-                n, k = self.postprocess(self.forward(self.preprocess(images, idx)), out_hw[idx[0]])
-                for j, i in enumerate(idx):
-                    res[i] = {"normal": self.emit("normal", n[j]), "normal_conf": self.emit("normal_conf", k[j])}
-        return res  # type: ignore[return-value]
+        return {"normal": n, "normal_conf": out[:, 3].contiguous()}
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(target_pixels=self.target_pixels, frame="OpenCV camera frame, normals toward the camera",
+        d.update(target_pixels=self.target_pixels, input_shapes=self.input_shapes, frame="OpenCV camera frame, normals toward the camera",
                  normal_conf="kappa (AngMF concentration, > 1)")
         return d
 
@@ -141,7 +143,9 @@ class NormalExpert(TorchExpert):
 def build(profile: str = "default", device: str = "cpu", *, variant: str = "BN", weights: str | None = None,
           seed: int = 0, **options) -> NormalExpert:
     """Options: variant ('BN' = scannet.pt, default | 'GN' = nyu.pt), weights (path to the
-    official checkpoint), max_batch, target_pixels."""
+    official checkpoint), target_pixels, input_shapes (a fixed set of (h, w) network inputs; each
+    image is squashed to the one nearest its aspect ratio), and the common ones of
+    ``TorchExpert`` (max_batch, precision, pad_batches, pin_memory)."""
     model, name, ckpts = build_model(profile, variant, weights, seed)
     if profile == "smoke":
         options.setdefault("target_pixels", SMOKE_TARGET_PIXELS)

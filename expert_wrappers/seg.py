@@ -15,6 +15,7 @@ these two stand in for it. Instances become one class map by detectron2's panopt
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as W
-from ._torch import TorchExpert, check_images, chunks, output_sizes, resize_on_device, seeded
+from ._torch import TorchExpert, resize_on_device, seeded
 from .base import MissingDependencyError
 from .panoptic import Detections, from_detectron2, from_torchvision, instances_to_semantic
 
@@ -35,6 +36,24 @@ VITDET_URL = ("https://dl.fbaipublicfiles.com/detectron2/ViTDet/COCO/mask_rcnn_v
               "model_final_61ccd1.pkl")
 VITDET_INPUT = 1024
 BACKENDS = ("torchvision", "detectron2")
+PASTE_AT = ("label", "image")
+
+
+def score_floor(lowest: float) -> float:
+    """The largest float32 below ``lowest``: detectors keep ``score > thresh``, the panoptic rule
+    ``score >= threshold``, so an instance scoring exactly the threshold survives both."""
+    return float(np.nextafter(np.float32(lowest), np.float32(-np.inf)))
+
+
+def torchvision_input_shape(image_hw: tuple[int, int], min_size: float, max_size: float,
+                            divisible: int = 32) -> tuple[int, int]:
+    """The padded tensor shape ``GeneralizedRCNNTransform`` makes of one image: scaled so the short
+    side reaches ``min_size`` unless the long side would pass ``max_size``, floored, then padded
+    up to a multiple of ``divisible``."""
+    h, w = image_hw
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    return (int(math.ceil(math.floor(h * scale) / divisible) * divisible),
+            int(math.ceil(math.floor(w * scale) / divisible) * divisible))
 
 
 def torchvision_url() -> str:
@@ -62,6 +81,19 @@ def build_torchvision_default(weights: str | None = None, **model_kwargs):
     model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91, **model_kwargs)
     model.load_state_dict(W.load_tensors(path), strict=True)
     return model, {path.name: W.sha256_file(path)}
+
+
+def build_torchvision_random(seed: int = 0, **model_kwargs):
+    """``maskrcnn_resnet50_fpn_v2`` (the default architecture) with seeded random weights. The
+    classifier gets std 0.006: with torch's default init every score stays near 1/91, with 0.008
+    every one of the top 100 passes 0.5; at 0.006 three sample photos get 4, 4 and 100 of their
+    top 100 detections at 0.5 or more — so the panoptic rule and the mask paste have work."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    with seeded(seed):
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91, **model_kwargs)
+        torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.006)
+    return model
 
 
 def build_torchvision_smoke(seed: int = 0, **model_kwargs):
@@ -98,6 +130,59 @@ def build_torchvision_smoke(seed: int = 0, **model_kwargs):
             **kw)
         torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.3)
     return model
+
+
+def _nearest_exact_rows(n_in: int, n_out: int, device) -> torch.Tensor:
+    """The input index ``F.interpolate(mode="nearest-exact")`` reads for each output index (torch's
+    own kernel on an index ramp, so the float rounding is its own)."""
+    ramp = torch.arange(n_in, dtype=torch.float32, device=device)[None, None, :, None]  # exact below 2**24
+    return F.interpolate(ramp, size=(n_out, 1), mode="nearest-exact")[0, 0, :, 0].long()
+
+
+def _paste_weights(pos: torch.Tensor, b0: torch.Tensor, b1: torch.Tensor, m: int) -> torch.Tensor:
+    """(K, n, m) bilinear weights: row p of instance k is what ``paste_mask_in_image`` writes at
+    image position ``pos[p]`` from an m-wide mask resized (``F.interpolate``, bilinear,
+    align_corners=False) to the integer box [b0, b1]; all zeros outside the box."""
+    size = (b1 - b0 + 1).clamp_min(1)
+    r = pos[None, :] - b0[:, None]                                   # (K, n) position in the box
+    inside = ((r >= 0) & (pos[None, :] <= b1[:, None])).float()
+    scale = (torch.full_like(size, m, dtype=torch.float32) / size.float())[:, None]
+    src = ((r.float() + 0.5) * scale - 0.5).clamp_min(0)             # ATen's source index, float32
+    i0 = src.long().clamp_max(m - 1)
+    i1 = i0 + (i0 < m - 1).long()
+    l1 = src - i0.float()
+    w = torch.zeros(r.shape + (m,), dtype=torch.float32, device=pos.device)
+    w.scatter_add_(2, i0[..., None], ((1 - l1) * inside)[..., None])
+    w.scatter_add_(2, i1[..., None], (l1 * inside)[..., None])
+    return w
+
+
+def paste_masks_at(masks: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int],
+                   out_hw: tuple[int, int]) -> torch.Tensor:
+    """torchvision's ``paste_masks_in_image`` at ``image_hw`` followed by a nearest-exact resize to
+    ``out_hw`` (what the seg class map gets), evaluated only at the ``out_hw`` samples.
+
+    ``masks`` (K, 1, M, M) probabilities and ``boxes`` (K, 4) xyxy in image pixels, as the ROI
+    heads give them after ``resize_boxes``. torchvision expands each mask and box by one cell,
+    truncates the box to integers, resizes the mask into it and copies it into a full image: one
+    Python iteration and one image-sized buffer per instance. Here each instance is a product
+    ``Wy (out_h, M+2) @ mask @ Wx^T (M+2, out_w)`` with the same bilinear weights at the image rows
+    and columns nearest-exact picks: the values the full-resolution path samples, up to float
+    rounding order, for a quarter of the pixels (label scale 0.5) and no per-instance loop.
+    Returns (K, out_h, out_w) float32 probabilities."""
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+    k = masks.shape[0]
+    if k == 0:
+        return torch.zeros((0,) + tuple(out_hw), dtype=torch.float32, device=masks.device)
+    padded, scale = expand_masks(masks.float(), padding=1)
+    ib = expand_boxes(boxes.float(), scale).to(torch.int64)
+    m = padded[:, 0]
+    rows = _nearest_exact_rows(image_hw[0], out_hw[0], masks.device)
+    cols = _nearest_exact_rows(image_hw[1], out_hw[1], masks.device)
+    wy = _paste_weights(rows, ib[:, 1], ib[:, 3], m.shape[1])
+    wx = _paste_weights(cols, ib[:, 0], ib[:, 2], m.shape[2])
+    return torch.bmm(torch.bmm(wy, m), wx.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,12 +269,20 @@ class MaskRCNNExpert(TorchExpert):
     def __init__(self, model, *, backend: str = "torchvision", name: str = "maskrcnn", device="cpu",
                  score_threshold: float = 0.5, overlap_threshold: float = 0.5, mask_threshold: float = 0.5,
                  ignore_threshold: float | None = None, confidence: bool = False, sam=None,
-                 max_batch: int = 4, input_format: str = "RGB", checkpoints: dict | None = None) -> None:
-        super().__init__(device, max_batch)
+                 paste_at: str | None = None, max_batch: int = 4, input_format: str = "RGB",
+                 checkpoints: dict | None = None, **common) -> None:
+        super().__init__(device, max_batch, **common)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not 0 <= overlap_threshold <= 1:
             raise ValueError("overlap_threshold must be in [0, 1]")
+        # SAM refines masks against the image, so with SAM they are pasted at the image's size
+        paste_at = paste_at or ("image" if sam is not None else "label")
+        if paste_at not in PASTE_AT:
+            raise ValueError(f"paste_at must be one of {PASTE_AT}, got {paste_at!r}")
+        if paste_at == "label" and sam is not None:
+            raise ValueError("paste_at='label' cannot be combined with SAM refinement (it needs "
+                             "masks at the image's resolution): use paste_at='image'")
         self.backend = backend
         self.name = name
         self.model = self.prepare(model)
@@ -199,65 +292,96 @@ class MaskRCNNExpert(TorchExpert):
         self.ignore_threshold = None if ignore_threshold is None else float(ignore_threshold)
         self.confidence = bool(confidence)
         self.sam = sam
+        self.paste_at = paste_at
         self.input_format = input_format
         self.checkpoints.update(checkpoints or {})
+        # Instances below every threshold the rule uses cannot change the map, and pasting their
+        # masks is most of the post-processing cost: the detector drops them before the mask
+        # head. The background confidence does use them: then the detector's own floor stays.
+        lowest = score_floor(min(self.score_threshold,
+                                 1.0 if self.ignore_threshold is None else self.ignore_threshold))
+        heads = self.model.roi_heads
         if backend == "torchvision":
-            # instances below every threshold we use cannot change the map, and not pasting their
-            # full-resolution masks is most of the post-processing cost; the background confidence
-            # does use them, so then torchvision's own floor (0.05) stays
-            lowest = min(self.score_threshold, 1.0 if self.ignore_threshold is None else self.ignore_threshold)
-            heads = self.model.roi_heads
             heads.score_thresh = min(heads.score_thresh, lowest) if self.confidence else lowest
+        elif hasattr(getattr(heads, "box_predictor", None), "test_score_thresh"):  # detectron2
+            bp = heads.box_predictor
+            bp.test_score_thresh = min(bp.test_score_thresh, lowest) if self.confidence else lowest
 
-    # backend-specific: images -> instances at image resolution
-    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+    def batch_key(self, image_hw: tuple[int, int]):
+        """torchvision: the padded tensor shape its transform makes (images of one key batch without
+        padding each other); detectron2's ViTDet pads every image to one square: any batch."""
+        if self.backend != "torchvision":
+            return None
+        t = self.model.transform
+        return torchvision_input_shape(image_hw, float(t.min_size[-1]), float(t.max_size), t.size_divisible)
+
+    # backend-specific: images -> instances, masks pasted at ``sizes`` (default: each image's own)
+    def detect(self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None) -> list[Detections]:
+        sizes = [tuple(im.shape[:2]) for im in images] if sizes is None else [tuple(hw) for hw in sizes]
         tensors = [self.to_device(im).float().div_(255.0) for im in images]
+        n = len(tensors)
+        if self.pad_batches and n < self.max_batch:  # copies of the last image, dropped before pasting
+            tensors += [tensors[-1]] * (self.max_batch - n)
         if self.backend == "torchvision":
-            # GeneralizedRCNNTransform resizes, normalises and pads the batch itself, and pastes
-            # the masks back at each input's own size
+            # MaskRCNN.forward up to the ROI heads, for the real images of a padded batch only
+            m = self.model
             with self.autocast():
-                outs = self.model(tensors)
-            return [from_torchvision(o, self.mask_threshold) for o in outs]
+                batch, _ = m.transform(tensors)
+                features = m.backbone(batch.tensors)
+                proposals, _ = m.rpn(batch, features)
+                detections, _ = m.roi_heads(features, proposals, batch.image_sizes)
+                detections = detections[:n]
+                if self.paste_at == "image" and all(hw == im.shape[:2] for hw, im in zip(sizes, images)):
+                    outs = m.transform.postprocess(detections, batch.image_sizes[:n], sizes)  # as MaskRCNN
+                    return [from_torchvision(o, self.mask_threshold) for o in outs]
+            # the rest in float32: masks sampled at ``sizes`` as the full-resolution paste would give
+            # them after a nearest-exact resize (paste_masks_at)
+            from torchvision.models.detection.transform import resize_boxes
+
+            out = []
+            for d, in_hw, im, hw in zip(detections, batch.image_sizes, images, sizes):
+                boxes = resize_boxes(d["boxes"].float(), list(in_hw), list(im.shape[:2]))
+                probs = paste_masks_at(d["masks"], boxes, im.shape[:2], hw)
+                out.append(from_torchvision({"boxes": boxes, "scores": d["scores"], "labels": d["labels"],
+                                             "masks": probs}, self.mask_threshold))
+            return out
         inputs = []
-        for t, im in zip(tensors, images):
-            h, w = im.shape[:2]
+        for t, hw in zip(tensors, sizes + sizes[-1:] * (len(tensors) - n)):
+            h, w = t.shape[-2:]
             s = VITDET_INPUT / max(h, w)
             x = F.interpolate(t[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
                               align_corners=False, antialias=s < 1)[0] * 255.0
             if self.input_format == "BGR":
                 x = x.flip(0)
-            inputs.append({"image": x, "height": h, "width": w})
+            # detectron2 scales boxes and pastes masks at (height, width)
+            inputs.append({"image": x, "height": hw[0], "width": hw[1]})
         with self.autocast():
             outs = self.model(inputs)
-        return [from_detectron2(o["instances"]) for o in outs]
+        return [from_detectron2(o["instances"]) for o in outs[:n]]
 
-    def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
-        check_images(images)
-        out_hw = output_sizes(images, sizes)
-        results: list[dict] = []
-        with torch.inference_mode():
-            for idx in chunks(len(images), self.max_batch):
-                batch = [images[i] for i in idx]
-                for i, im, det in zip(idx, batch, self.detect(batch)):
-                    if self.sam is not None:
-                        det = self.sam.refine(im, det)
-                    painted: list[int] = []
-                    seg, conf = instances_to_semantic(
-                        det, im.shape[:2], score_threshold=self.score_threshold,
-                        overlap_threshold=self.overlap_threshold, ignore_threshold=self.ignore_threshold,
-                        confidence=self.confidence, painted=painted)
-                    out = {"seg": self.emit("seg", resize_on_device("seg", seg, out_hw[i])),
-                           "instance_classes": np.array(painted, np.int64)}
-                    if conf is not None:
-                        out["seg_conf"] = self.emit("seg_conf", resize_on_device("seg_conf", conf, out_hw[i]))
-                    results.append(out)
-        return results
+    def predict_batch(self, images: list[np.ndarray], sizes: list[tuple[int, int]], key, out: list[dict]):
+        """Detections (masks at the label size, or at the image's with ``paste_at="image"``) ->
+        SAM refinement -> the panoptic rule -> the class map at ``sizes``."""
+        paste_hw = [hw if self.paste_at == "label" else im.shape[:2] for hw, im in zip(sizes, images)]
+        entries = []
+        for j, (im, det, hw) in enumerate(zip(images, self.detect(images, paste_hw), paste_hw)):
+            if self.sam is not None:
+                det = self.sam.refine(im, det)
+            painted: list[int] = []
+            seg, conf = instances_to_semantic(
+                det, hw, score_threshold=self.score_threshold, overlap_threshold=self.overlap_threshold,
+                ignore_threshold=self.ignore_threshold, confidence=self.confidence, painted=painted)
+            out[j]["instance_classes"] = np.array(painted, np.int64)
+            entries.append(("seg", resize_on_device("seg", seg, sizes[j])[None], [j]))
+            if conf is not None:
+                entries.append(("seg_conf", resize_on_device("seg_conf", conf, sizes[j])[None], [j]))
+        return entries
 
     def describe(self) -> dict:
         d = super().describe()
         d.update(backend=self.backend, score_threshold=self.score_threshold,
                  overlap_threshold=self.overlap_threshold, mask_threshold=self.mask_threshold,
-                 ignore_threshold=self.ignore_threshold, confidence=self.confidence,
+                 ignore_threshold=self.ignore_threshold, confidence=self.confidence, paste_at=self.paste_at,
                  sam=None if self.sam is None else {"model": self.sam.name, "iou_gate": self.sam.iou_gate})
         return d
 
@@ -267,7 +391,9 @@ def build(profile: str = "default", device: str = "cpu", *, backend: str = "torc
           sam_weights: str | None = None, iou_gate: float | None = None, d2_config: str | None = None,
           min_size: int | None = None, max_size: int | None = None, seed: int = 0, **options) -> MaskRCNNExpert:
     """Options: score_threshold, overlap_threshold, mask_threshold, ignore_threshold, confidence,
-    max_batch (see MaskRCNNExpert); sam=True enables SAM refinement."""
+    paste_at ('label': masks pasted at the asked size, default without SAM | 'image': at the
+    image's, then the class map resized), the common ones of ``TorchExpert`` (max_batch,
+    precision, pad_batches, pin_memory); sam=True enables SAM refinement."""
     from . import sam as sam_mod
 
     if backend not in BACKENDS:
@@ -276,14 +402,17 @@ def build(profile: str = "default", device: str = "cpu", *, backend: str = "torc
     checkpoints: dict[str, str] = {}
     input_format = "RGB"
     if backend == "detectron2":
-        if profile == "smoke":
+        if profile in ("smoke", "random"):
             _import_detectron2()  # a missing detectron2 is the more useful error
-            raise ValueError("the smoke profile has no detectron2 variant; use backend='torchvision'")
+            raise ValueError(f"the {profile} profile has no detectron2 variant; use backend='torchvision'")
         model, checkpoints, input_format = build_detectron2(weights, d2_config)
         name = "maskrcnn-vitdet-b (detectron2)"
     elif profile == "smoke":
         model = build_torchvision_smoke(seed, **size_kw)
         name = "maskrcnn-r18-fpn-smoke (torchvision, random weights)"
+    elif profile == "random":
+        model = build_torchvision_random(seed, **size_kw)
+        name = "maskrcnn_resnet50_fpn_v2 architecture (torchvision, random weights)"
     else:
         model, checkpoints = build_torchvision_default(weights, **size_kw)
         name = "maskrcnn_resnet50_fpn_v2 COCO_V1 (torchvision)"
@@ -294,7 +423,7 @@ def build(profile: str = "default", device: str = "cpu", *, backend: str = "torc
         gate_ = sam_mod.DEFAULT_IOU_GATE if iou_gate is None else iou_gate
         ignore = options.get("ignore_threshold")
         lowest = min(options.get("score_threshold", 0.5), 1.0 if ignore is None else ignore)
-        if profile == "smoke":
+        if profile in ("smoke", "random"):  # no random full-size SAM: refinement is optional
             refiner = sam_mod.SamRefiner(sam_mod.build_smoke_sam(seed), tdev, gate_, lowest, name="sam-smoke")
         else:
             mt = sam_model or sam_mod.DEFAULT_SAM_MODEL

@@ -31,6 +31,23 @@ def _weights(pairs: list[str], opts: dict) -> dict:
     return opts
 
 
+def _precision(value: str | None, opts: dict) -> dict:
+    """``--precision seg=fp32,depth=bf16`` (or one value for every task) -> options[task]["precision"]."""
+    from expert_wrappers.base import PRECISIONS
+
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        task, sep, prec = part.strip().rpartition("=")
+        tasks = [task] if sep else list(labels.TASKS)
+        if (sep and task not in labels.TASKS) or prec not in PRECISIONS:
+            raise ValueError(f"--precision wants [TASK=]P[,...] with TASK in {list(labels.TASKS)} and P in "
+                             f"{list(PRECISIONS)}, got {part!r}")
+        for t in tasks:
+            opts.setdefault(t, {})["precision"] = prec
+    return opts
+
+
 def _options(pairs: list[str]) -> dict:
     """``task.key=value`` pairs -> ``{task: {key: value}}`` for the experts; values are parsed as
     JSON when they parse (numbers, true/false, null), else kept as strings."""
@@ -51,12 +68,21 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--shards", default="sample", help="manifest name (manifests/<name>.yaml) or a .yaml path")
-    ap.add_argument("--profile", default="default", help="experts profile: default | smoke | null")
+    ap.add_argument("--profile", default="default", help="experts profile: default | smoke | random (full-size, random weights) | null")
     ap.add_argument("--out", default=None, help="label output root (default: the manifest's output)")
     ap.add_argument("--tasks", default=",".join(labels.TASKS), help="comma-separated task trees")
     ap.add_argument("--label-scale", type=float, default=0.5,
                     help="label side / image side (recorded per member as image_size)")
     ap.add_argument("--batch-size", type=int, default=8, help="images per expert call")
+    ap.add_argument("--window", type=int, default=128, help="decoded images across which each expert "
+                    "gathers images of one network input shape into full batches")
+    ap.add_argument("--precision", default=None, metavar="[TASK=]P,...",
+                    help="expert precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 | tf32, "
+                    "e.g. seg=fp32,depth=bf16 (recorded in the manifest and the resume fingerprint)")
+    ap.add_argument("--concurrent-experts", action="store_true",
+                    help="run each expert on its own thread (and CUDA stream) instead of in turn")
+    ap.add_argument("--warm-up", action="store_true", help="each worker runs every expert once on the "
+                    "input shapes of common CC3M image sizes before its first shard (pipeline.sizes)")
     ap.add_argument("--workers", type=int, default=None, help="worker actors (default: one per GPU; "
                     "CPU-only: min(#CPUs, 4))")
     ap.add_argument("--gpus-per-worker", type=float, default=None, help="fractions allowed (default 1 "
@@ -106,6 +132,7 @@ def main(argv=None) -> int:
     from pipeline import storage
     from pipeline.job import JobConfigError, JobError, JobSpec, dry_run, run
     from pipeline.manifest import ManifestError, load_manifest
+    from pipeline.sizes import cc3m_like_sizes
     from pipeline.worker import WorkerConfig
 
     in_main = threading.current_thread() is threading.main_thread()
@@ -121,8 +148,10 @@ def main(argv=None) -> int:
             raise ValueError(f"unknown task(s) {unknown}; known: {list(labels.TASKS)}")
         cfg = WorkerConfig(tasks=tasks, profile=args.profile, device=args.device,
                            device_codes={"auto": None, "on": True, "off": False}[args.device_codes],
-                           options=_weights(args.weights, _options(args.expert_option)),
-                           label_scale=args.label_scale,
+                           options=_precision(args.precision, _weights(args.weights, _options(args.expert_option))),
+                           label_scale=args.label_scale, window=args.window,
+                           concurrent_experts=args.concurrent_experts,
+                           warm_up_sizes=cc3m_like_sizes() if args.warm_up else (),
                            batch_size=args.batch_size, decode_threads=args.decode_threads,
                            encode_threads=args.encode_threads, torch_threads=args.threads_per_worker,
                            sample_delay=args.sample_delay)

@@ -37,12 +37,16 @@ from pipeline import labels
 from pipeline.coco import class_name
 from pipeline.manifest import ShardSet
 from pipeline.storage import sha256, write_bytes_atomic, write_json_atomic
-from pipeline.worker import (STATS_VERSION, ShardWorker, WorkerConfig, build_experts, stats_path,
-                             tar_path)
+from pipeline.worker import (STATS_VERSION, ShardWorker, WorkerConfig, build_experts, label_settings,
+                             stats_path, tar_path)
 
 MANIFEST_JSON = "_manifest.json"
 MANIFEST_PARQUET = "_manifest.parquet"
-PIPELINE_VERSION = 2  # 2: experts resize to the label resolution on their device
+PIPELINE_VERSION = 3  # 2: experts resize to the label resolution on their device; 3: seg masks
+#                      sampled at the label resolution, NLL input resized on float, shape buckets
+# fields of an expert's description that only change throughput (or, for precision and device
+# codes, enter the fingerprint as the settings predicted for the workers' device instead)
+_NOT_LABELS = ("device", "precision", "device_codes", "max_batch", "pad_batches", "pin_memory")
 
 
 class JobError(RuntimeError):
@@ -75,18 +79,31 @@ class JobSpec:
 # plan / resume
 
 
-def fingerprint(cfg: WorkerConfig, experts: dict) -> str:
+def fingerprint(cfg: WorkerConfig, experts: dict, settings: dict | None = None) -> str:
     """What makes two runs' labels the same: format, experts (their description as built on the
-    driver, minus device, precision and device_codes: per-device last-bit knobs) and weights, label settings. Throughput knobs (workers, batch
-    size, threads) and the experts' code are not part of it."""
+    driver) and weights, label resolution, and ``settings`` — per task the precision and device
+    codes the workers will run with (``planned_label_settings``): bf16 and fp32 labels differ well
+    beyond the last bits, so a resume under other ones redoes the shards. Throughput knobs
+    (workers, batch size, window, threads, padding, concurrency) and the experts' code are not
+    part of it."""
     checkpoints = _checkpoints(experts)
     doc = {"pipeline_version": PIPELINE_VERSION, "format_version": labels.FORMAT_VERSION,
            "stats_version": STATS_VERSION, "tasks": list(cfg.tasks), "profile": cfg.profile, "factory": cfg.factory,
-           "options": cfg.options, "label_scale": cfg.label_scale, "max_pixels": cfg.max_pixels,
+           "options": _label_options(cfg.options), "label_scale": cfg.label_scale, "max_pixels": cfg.max_pixels,
            "checkpoints": dict(sorted(checkpoints.items()))}
-    doc["experts"] = {t: {k: v for k, v in d.items() if k not in ("device", "precision", "device_codes")}
-                      for t, d in experts.items()}
+    doc["experts"] = {t: {k: v for k, v in d.items() if k not in _NOT_LABELS} for t, d in experts.items()}
+    doc["label_settings"] = settings or {}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _label_options(options: dict) -> dict:
+    """The experts' options minus throughput knobs (and precision, fingerprinted as resolved)."""
+    out = {}
+    for task, opts in sorted(options.items()):
+        kept = {k: v for k, v in opts.items() if k not in _NOT_LABELS}
+        if kept:
+            out[task] = kept
+    return out
 
 
 def check_complete(src: Path, out: Path, tasks, fp: str, verify: str = "sha256") -> tuple[dict | None, str]:
@@ -144,25 +161,70 @@ def dry_run(spec: JobSpec) -> dict:
     """What ``run(spec)`` would do, without doing it: the experts' preflight (as a run starts:
     missing weights fail here), the config fingerprint, and which shards are complete and which
     would run, and why. Starts no Ray and writes nothing under ``spec.out``."""
-    experts = preflight(spec.worker)
-    fp = fingerprint(spec.worker, experts)
+    cfg = spec.worker
+    experts, joined = settle(spec)
     shards = list(spec.shard_set.shards)
-    done, todo, why = plan(shards, Path(spec.out), spec.worker.tasks, fp, spec.verify)
+    with _shutdown_ray_if(joined):
+        done, todo, why = plan(shards, Path(spec.out), cfg.tasks, cfg.fingerprint, spec.verify)
     return {"shards": [p.stem for p in shards], "complete": sorted(done), "todo": [p.stem for p in todo],
-            "why": why, "fingerprint": fp, "experts": experts, "out": str(spec.out)}
+            "why": why, "fingerprint": cfg.fingerprint, "experts": experts, "device": cfg.device,
+            "label_settings": cfg.label_settings, "out": str(spec.out)}
 
 
 # ----------------------------------------------------------------------------------------------
 # experts (preflight) and Ray
 
 
+def settle(spec: JobSpec) -> tuple[dict, bool]:
+    """The experts' preflight, the workers' device, the label settings they will run with and the
+    fingerprint (set on ``spec.worker``). Returns (the experts' descriptions, whether Ray was
+    joined to learn the device)."""
+    cfg = spec.worker
+    built = preflight(cfg)
+    experts = {t: built[t].describe() for t in cfg.tasks}
+    cfg.device, joined = worker_device(spec)
+    cfg.label_settings = planned_label_settings(built, cfg.device, cfg.device_codes)
+    cfg.fingerprint = fingerprint(cfg, experts, cfg.label_settings)
+    return experts, joined
+
+
 def preflight(cfg: WorkerConfig) -> dict:
-    """Build the experts once in the driver, before Ray starts: missing weights fail within
-    seconds here (MissingWeightsError), and the manifest gets their description."""
-    experts = build_experts(cfg.tasks, cfg.profile, "cpu", cfg.options, cfg.factory)
-    desc = {t: experts[t].describe() for t in cfg.tasks}
-    del experts
-    return desc
+    """Build the experts once in the driver (on CPU), before Ray starts: missing weights fail
+    within seconds here (MissingWeightsError); the manifest gets their description and the
+    fingerprint their planned label settings. Returns {task: expert}."""
+    return build_experts(cfg.tasks, cfg.profile, "cpu", cfg.options, cfg.factory)
+
+
+def planned_label_settings(experts: dict, device: str, device_codes: bool | None) -> dict:
+    """Per task, the precision and device codes the same experts will label with on ``device``
+    (``--device-codes`` applied): what the fingerprint records and each worker checks."""
+    out = {}
+    for t, e in experts.items():
+        s = dict(label_settings(e, device.split(":")[0]))
+        if device_codes is not None and "device_codes" in s:
+            s["device_codes"] = bool(device_codes)
+        out[t] = s
+    return out
+
+
+def worker_device(spec: JobSpec) -> tuple[str, bool]:
+    """The device the workers will run on, settled before planning because the fingerprint
+    depends on it: ``--device`` if given; with ``auto``, cuda when the workers get GPUs (a GPU on
+    this machine, or in the cluster at ``--ray-address``/$RAY_ADDRESS, joined here for that).
+    Returns (device, whether this call joined Ray)."""
+    device = spec.worker.device
+    if device != "auto":
+        return device, False
+    if spec.gpus_per_worker is not None:
+        return ("cuda" if spec.gpus_per_worker > 0 else "cpu"), False
+    if spec.ray_address or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        joined = start_ray(spec.ray_address, spec.verbose)
+        return ("cuda" if ray.cluster_resources().get("GPU", 0) else "cpu"), joined
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu"), False
 
 
 def _checkpoints(desc: dict) -> dict:
@@ -350,7 +412,8 @@ def build_manifest(spec: JobSpec, stats: list[dict], experts: dict, fp: str) -> 
         "checkpoints": _checkpoints(by_workers),
         "config": {"fingerprint": fp, "profile": cfg.profile, "tasks": list(cfg.tasks),
                    "options": cfg.options, "label_scale": cfg.label_scale,
-                   "max_pixels": cfg.max_pixels},
+                   "max_pixels": cfg.max_pixels, "device": cfg.device,
+                   "label_settings": cfg.label_settings},
         "run": runs[0] if runs else {},
         "run_differs_in_shards": [s["shard"] for s in stats if s.get("run", {}) != (runs[0] if runs else {})],
         # per sample: samples = ok + skipped; damage to shards (truncated, empty) is not a sample
@@ -413,6 +476,17 @@ def _out_lock(out: Path):
         yield
 
 
+@contextlib.contextmanager
+def _shutdown_ray_if(joined: bool):
+    try:
+        yield
+    finally:
+        if joined:
+            import ray
+
+            ray.shutdown()
+
+
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -425,13 +499,13 @@ def run(spec: JobSpec, *, on_event: Callable | None = None, log: Callable[[str],
     t0 = time.perf_counter()
     out = Path(spec.out)
     cfg = spec.worker
-    experts = preflight(cfg)
-    fp = fingerprint(cfg, experts)
-    cfg.fingerprint = fp
+    experts, joined = settle(spec)
+    fp = cfg.fingerprint
     log(f"experts ({cfg.profile}): " + ", ".join(f"{t}={d.get('name', '?')}" for t, d in experts.items())
-        + f"; checked in {time.perf_counter() - t0:.1f} s")
+        + f"; checked in {time.perf_counter() - t0:.1f} s; workers on {cfg.device}: "
+        + ", ".join(f"{t} {'/'.join(f'{k}={v}' for k, v in st.items())}" for t, st in cfg.label_settings.items()))
     shards = list(spec.shard_set.shards)
-    with _out_lock(out):
+    with _out_lock(out), _shutdown_ray_if(joined):
         done, todo, why = plan(shards, out, cfg.tasks, fp, spec.verify)
         log(f"plan: {len(shards)} shards, {len(done)} complete, {len(todo)} to do -> {out}")
         if spec.verbose:
@@ -472,8 +546,6 @@ def _run_pool(spec: JobSpec, cfg: WorkerConfig, todo: list[Path], n_done: int, n
         workers, gpus, cpus, threads = resources(spec)
         workers = min(workers, len(todo))
         cfg.torch_threads = threads
-        if cfg.device == "auto" and not gpus:
-            cfg.device = "cpu"
         t0 = time.perf_counter()
         pool = _Pool(spec, cfg, workers, gpus, cpus, on_event)
         infos = pool.wait_ready(spec.actor_start_timeout)

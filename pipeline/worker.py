@@ -1,9 +1,25 @@
 """One shard in, one tar per task tree out — the pseudo-label worker.
 
-``process_shard`` is plain Python (no Ray): it streams a source shard, decodes JPEGs on a thread
-pool, runs the experts on batches in the calling thread, encodes labels on a second thread pool
-(so decoding and encoding overlap expert compute), appends members to a temporary tar per task
-tree, renames every tar into place and writes the shard's stats marker last::
+``process_shard`` is plain Python (no Ray) and runs a shard through five stages, each a small
+generator or class below, so that the flow reads top to bottom::
+
+    read/decode  ->  bucket  ->  experts  ->  encode  ->  write
+    _read            _Lane        _Lane        _encode      _write / _ShardOutput
+    (decode pool)    (per expert: batches of equal network input shape across a window of the
+                      shard; run inline or on the expert's own thread)    (encode pool)
+
+1. **read/decode**: the source tar is walked in order and JPEGs decode on a thread pool, a few
+   samples ahead; undecodable samples become recorded skips.
+2. **bucket**: each expert groups the decoded images by its ``batch_key`` (its network input
+   shape) into batches of ``batch_size``; a batch runs when full, or, partial, when its oldest
+   image has waited ``window`` images (and at the end of the shard). Forwards thus run on full
+   batches of one shape, and each image keeps its exact input shape, so its labels are those of
+   predicting it alone.
+3. **experts**: ``predict`` on a batch (maps at the label resolution, label codes when the expert
+   converts on its device). A batch that raises is retried image by image.
+4. **encode**: once every expert has an image's maps, the encode pool packs them (in source order).
+5. **write**: members are appended, in source order, to a temporary tar per task tree
+   (``_ShardOutput``); every tar is renamed into place and the shard's stats marker is written last::
 
     <out>/seg/<shard>.tar  <out>/depth/<shard>.tar  <out>/normal/<shard>.tar   (atomic renames)
     <out>/_stats/<shard>.json                                                   (written last)
@@ -20,6 +36,7 @@ shard per call.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import socket
 import time
@@ -48,13 +65,18 @@ class WorkerConfig:
     options: dict = field(default_factory=dict)  # passed to the experts factory
     factory: str = "expert_wrappers:build_experts"  # "module:function" building {task: Expert}
     label_scale: float = 0.5      # label side / image side, recorded per member (image_size)
-    batch_size: int = 8
+    batch_size: int = 8           # images per expert call (a bucket's size)
+    window: int = 128             # decoded images a partial bucket may wait for more of its shape
+    concurrent_experts: bool = False  # each expert on its own thread (and, on CUDA, stream)
+    warm_up_sizes: tuple = ()     # image sizes whose input shapes each expert runs once at start
     decode_threads: int = 2       # 0: decode in the worker's own thread (one-core workers)
     encode_threads: int = 2       # 0: encode in the worker's own thread
     torch_threads: int = 0        # 0: leave torch's default
     cpu_affinity: tuple[int, ...] | None = None  # pin the worker process (benchmarks)
     max_pixels: int = DEFAULT_MAX_PIXELS
     fingerprint: str = ""         # the job's config fingerprint, written into every marker
+    label_settings: dict = field(default_factory=dict)  # {task: expert.label_settings()} the
+    #                               fingerprint assumed; a worker whose experts differ refuses to start
     sample_delay: float = 0.0     # seconds slept per sample: a test hook to kill a worker mid-shard
 
     def __post_init__(self):
@@ -65,6 +87,8 @@ class WorkerConfig:
         labels.label_shape((1, 1), self.label_scale)  # validates the scale
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
         if self.decode_threads < 0 or self.encode_threads < 0:
             raise ValueError("decode_threads and encode_threads must be >= 0 (0: inline)")
 
@@ -75,6 +99,32 @@ def stats_path(out_root: str | os.PathLike, shard_stem: str) -> Path:
 
 def tar_path(out_root: str | os.PathLike, task: str, shard_name: str) -> Path:
     return Path(out_root) / task / shard_name
+
+
+class _ShardOutput:
+    """One temporary tar per task tree; ``commit`` renames them all into place once every one is
+    complete on disk. The storage side of the worker: nothing else touches the output files."""
+
+    def __init__(self, out_root: Path, shard_name: str, tasks: tuple[str, ...]):
+        self.name = shard_name
+        self.writers = {t: AtomicTarWriter(tar_path(out_root, t, shard_name)) for t in tasks}
+
+    def add(self, members: dict[str, list]) -> None:
+        for t, w in self.writers.items():
+            for member, data in members[t]:
+                w.add(member, data)
+
+    def commit(self) -> dict:
+        for w in self.writers.values():
+            w.finish()
+        # every tar is complete on disk before the first rename
+        return {t: {"path": f"{t}/{self.name}", **w.commit(),
+                    "kinds": [k for k in labels.KINDS if f"{k}.{labels.MEMBER_EXT}" in w.suffixes]}
+                for t, w in self.writers.items()}
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
 
 
 class _Inline(cf.Executor):
@@ -102,23 +152,218 @@ def _remove_stale_tmp(directory: Path, name: str) -> None:
             p.unlink(missing_ok=True)
 
 
-def _decoded(src: Path, pool: cf.Executor, prefetch: int, max_pixels: int
-             ) -> Iterator[tuple[int, Sample | Skip]]:
-    """(source index, Sample|Skip) in source order; up to ``prefetch`` records decode ahead."""
+class _Tally:
+    """What a shard's marker counts: the per-sample books (``SampleLedger``), seg histograms and
+    stage timings."""
+
+    def __init__(self) -> None:
+        self.books = SampleLedger()
+        self.pixels = np.zeros(256, np.int64)
+        self.instances = np.zeros(256, np.int64)
+        self.timing = {"experts": 0.0, "wait_decode": 0.0, "wait_experts": 0.0, "wait_encode": 0.0}
+
+    def skip(self, index: int, key: str, reason: str, detail: str = "") -> None:
+        self.books.skip(index, key, reason, detail)
+
+    def written(self, index: int, hist: dict) -> None:
+        self.books.labelled(index)
+        if "pixels" in hist:
+            self.pixels += hist["pixels"]
+            self.instances += hist["instances"]
+
+
+def _read(src: Path, pool: cf.Executor, cfg: WorkerConfig, tally: _Tally) -> Iterator[tuple[int, Sample]]:
+    """Stage 1: (source index, Sample) in source order; up to ``2 batch + decode_threads`` records
+    decode ahead on the pool. Skips are tallied, not yielded."""
+    prefetch = 2 * cfg.batch_size + cfg.decode_threads
     pending: deque[tuple[int, cf.Future]] = deque()
-    for index, item in enumerate(iter_records(src)):
-        if isinstance(item, Skip):
+
+    def ready(limit: int) -> Iterator[tuple[int, Sample]]:
+        while len(pending) > limit:
+            index, fut = pending.popleft()
+            t0 = time.perf_counter()
+            item = tally.books.read(index, fut.result())
+            tally.timing["wait_decode"] += time.perf_counter() - t0
+            if item is None:  # skipped, or damage to the shard
+                continue
+            if cfg.sample_delay:
+                time.sleep(cfg.sample_delay)
+            yield index, item
+
+    for index, record in enumerate(iter_records(src)):
+        if isinstance(record, Skip):
             fut: cf.Future = cf.Future()
-            fut.set_result(item)
+            fut.set_result(record)
         else:
-            fut = pool.submit(decode_record, item, max_pixels)
+            fut = pool.submit(decode_record, record, cfg.max_pixels)
         pending.append((index, fut))
-        while len(pending) > prefetch:
-            i, f = pending.popleft()
-            yield i, f.result()
-    while pending:
-        i, f = pending.popleft()
-        yield i, f.result()
+        yield from ready(prefetch)
+    yield from ready(0)
+
+
+@dataclass(eq=False)
+class _Item:
+    """A decoded sample on its way through the experts: ``results`` gets, per lane, the future of
+    the batch it ran in and its position there."""
+    seq: int
+    index: int
+    sample: Sample
+    label_hw: tuple[int, int]
+    results: dict = field(default_factory=dict)
+
+    def done(self, lanes) -> bool:
+        return len(self.results) == len(lanes) and all(f.done() for f, _ in self.results.values())
+
+    def maps(self, lanes) -> dict | Exception:
+        merged: dict = {}
+        for lane in lanes:  # task order; an image that failed in one expert fails
+            fut, j = self.results[lane]
+            pred = fut.result()[j]
+            if isinstance(pred, Exception):
+                return pred
+            merged.update(pred)
+        return merged
+
+
+class _Lane:
+    """Stages 2 and 3 for one expert (shared by the tasks it serves): buckets of equal
+    ``batch_key`` (experts without one: a single bucket, source order), each run as one
+    ``predict`` call on the lane's executor — inline, or the expert's own thread."""
+
+    def __init__(self, expert, size: int, executor: cf.Executor):
+        self.expert, self.size, self.executor = expert, size, executor
+        self.key = getattr(expert, "batch_key", None)
+        self.buckets: dict = {}
+        self.seconds = 0.0  # inside predict; with concurrent lanes these overlap in wall time
+
+    def add(self, item: _Item) -> None:
+        key = self.key(tuple(item.sample.image.shape[:2])) if self.key else None
+        bucket = self.buckets.setdefault(key, [])
+        bucket.append(item)
+        if len(bucket) >= self.size:
+            self._run(self.buckets.pop(key))
+
+    def flush(self, oldest: int | None = None) -> None:
+        """Run every bucket whose first image has ``seq <= oldest`` (all when None), oldest first."""
+        keys = [k for k, b in self.buckets.items() if oldest is None or b[0].seq <= oldest]
+        for k in sorted(keys, key=lambda k: self.buckets[k][0].seq):
+            self._run(self.buckets.pop(k))
+
+    def _run(self, items: list[_Item]) -> None:
+        fut = self.executor.submit(self._predict, [it.sample.image for it in items], [it.label_hw for it in items])
+        for j, it in enumerate(items):
+            it.results[self] = (fut, j)
+
+    def _predict(self, images, sizes) -> list[dict | Exception]:
+        t0 = time.perf_counter()
+        try:
+            return _predict(self.expert, images, sizes)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def _lane_thread_init(expert) -> None:
+    """A concurrent lane's thread issues its expert's kernels on a stream of its own (the current
+    stream is per thread), so two experts' kernels can overlap on the GPU."""
+    device = getattr(expert, "device", None)
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.set_stream(torch.cuda.Stream(device))
+
+
+@contextlib.contextmanager
+def _lanes(experts: dict, cfg: WorkerConfig):
+    """One lane per distinct expert object, in task order (an expert serving several tasks runs
+    once per batch)."""
+    unique: dict[int, object] = {}
+    for t in cfg.tasks:
+        unique.setdefault(id(experts[t]), experts[t])
+    if cfg.concurrent_experts:
+        modes = {getattr(e, "precision", None) for e in unique.values() if getattr(e, "on_cuda", False)}
+        if {"fp32", "tf32"} <= modes:
+            raise ValueError("concurrent_experts: experts at fp32 and at tf32 cannot run at the same time "
+                             "(TF32 is a process-wide switch); use one of them for both, or run experts in turn")
+        executors = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"expert-{getattr(e, 'task', i)}",
+                                           initializer=_lane_thread_init, initargs=(e,))
+                     for i, e in enumerate(unique.values())]
+    else:
+        executors = [_Inline() for _ in unique]
+    lanes = [_Lane(e, cfg.batch_size, x) for e, x in zip(unique.values(), executors)]
+    try:
+        yield lanes
+    finally:
+        for x in executors:
+            x.shutdown(wait=True)
+
+
+def _label(samples: Iterator[tuple[int, Sample]], lanes: list[_Lane], cfg: WorkerConfig, tally: _Tally
+           ) -> Iterator[tuple[int, Sample, dict | Exception]]:
+    """Stages 2-3: every sample into every lane's buckets; yields (index, sample, maps or the
+    expert's exception) in source order as soon as every lane has the sample's result. A bucket
+    whose oldest image is ``window`` images old runs partial, so at most ``window + 1`` decoded
+    images wait here."""
+    waiting: deque[_Item] = deque()
+
+    def ready(limit: int):
+        while waiting and (len(waiting) > limit or waiting[0].done(lanes)):
+            item = waiting.popleft()
+            t0 = time.perf_counter()
+            maps = item.maps(lanes)  # blocks on the lanes' futures (concurrent lanes)
+            tally.timing["wait_experts"] += time.perf_counter() - t0
+            yield item.index, item.sample, maps
+
+    for seq, (index, sample) in enumerate(samples):
+        item = _Item(seq, index, sample, labels.label_shape(sample.image.shape[:2], cfg.label_scale))
+        waiting.append(item)
+        for lane in lanes:
+            lane.add(item)
+        if waiting[0].seq <= seq - cfg.window:
+            for lane in lanes:
+                lane.flush(oldest=seq - cfg.window)
+        yield from ready(cfg.window)
+    for lane in lanes:
+        lane.flush()
+    yield from ready(0)
+
+
+def _encode(labelled, pool: cf.Executor, cfg: WorkerConfig, tally: _Tally
+            ) -> Iterator[tuple[int, str, tuple[dict, dict] | Exception]]:
+    """Stage 4: maps -> label members on the encode pool; (index, key, (members, hist) or the
+    encoder's exception) in source order, up to ``2 batch`` samples encoding ahead."""
+    pending: deque[tuple[int, str, cf.Future]] = deque()
+
+    def ready(limit: int):
+        while pending and (len(pending) > limit or pending[0][2].done()):
+            index, key, fut = pending.popleft()
+            t0 = time.perf_counter()
+            try:
+                result = fut.result()
+            except Exception as e:  # noqa: BLE001 - recorded as a skip
+                result = e
+            tally.timing["wait_encode"] += time.perf_counter() - t0
+            yield index, key, result
+
+    for index, sample, maps in labelled:
+        if isinstance(maps, Exception):
+            tally.skip(index, sample.key, "expert_error", str(maps))
+            continue
+        pending.append((index, sample.key, pool.submit(
+            encode_maps, sample.key, maps, tuple(sample.image.shape[:2]), cfg.tasks, cfg.label_scale,
+            sample.orientation)))
+        yield from ready(2 * cfg.batch_size)
+    yield from ready(0)
+
+
+def _write(encoded, output: _ShardOutput, tally: _Tally) -> None:
+    """Stage 5: members appended in source order; the seg histograms tallied."""
+    for index, key, result in encoded:
+        if isinstance(result, Exception):
+            tally.skip(index, key, "label_encode_error", f"{type(result).__name__}: {result}")
+            continue
+        members, hist = result
+        output.add(members)
+        tally.written(index, hist)
 
 
 MIN_INSTANCE_PIXELS = 8  # at label resolution: smaller fragments are not counted as objects
@@ -204,128 +449,70 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
     """Label one source shard (see module doc). Returns the stats dict also written as marker."""
     t_start = time.perf_counter()
     src, out_root = Path(src_tar), Path(out_root)
-    name, stem = src.name, src.stem
-    tasks = cfg.tasks
-    missing = [t for t in tasks if t not in experts]
+    missing = [t for t in cfg.tasks if t not in experts]
     if missing:
         raise ValueError(f"no expert for task(s) {missing}")
-    marker = stats_path(out_root, stem)
+    marker = stats_path(out_root, src.stem)
     marker.unlink(missing_ok=True)  # the shard is being redone: it is not complete any more
     _remove_stale_tmp(marker.parent, marker.name)
-    for t in tasks:
-        _remove_stale_tmp(out_root / t, name)
+    for t in cfg.tasks:
+        _remove_stale_tmp(out_root / t, src.name)
 
-    # experts shared by several tasks run once per batch
-    groups: dict[int, tuple] = {}
-    for t in tasks:
-        groups.setdefault(id(experts[t]), (experts[t], []))[1].append(t)
-
-    ledger = SampleLedger()
-    pixels = np.zeros(256, np.int64)
-    instances = np.zeros(256, np.int64)
-    timing = {"experts": 0.0, "wait_decode": 0.0, "wait_encode": 0.0}
-    writers = {t: AtomicTarWriter(tar_path(out_root, t, name)) for t in tasks}
+    tally = _Tally()
+    output = _ShardOutput(out_root, src.name, cfg.tasks)
     try:
-        with _pool(cfg.decode_threads, "decode") as dpool, _pool(cfg.encode_threads, "encode") as epool:
-            encoded: deque[tuple[int, str, cf.Future]] = deque()
-
-            def write_ready(limit: int) -> None:
-                nonlocal pixels, instances
-                while encoded and (len(encoded) > limit or encoded[0][2].done()):
-                    index, key, fut = encoded.popleft()
-                    t0 = time.perf_counter()
-                    try:
-                        members, hist = fut.result()
-                    except Exception as e:  # noqa: BLE001 - recorded as a skip
-                        ledger.skip(index, key, "label_encode_error", f"{type(e).__name__}: {e}")
-                        continue
-                    finally:
-                        timing["wait_encode"] += time.perf_counter() - t0
-                    for t in tasks:
-                        for member, data in members[t]:
-                            writers[t].add(member, data)
-                    if "pixels" in hist:
-                        pixels += hist["pixels"]
-                        instances += hist["instances"]
-                    ledger.labelled(index)
-
-            def run_batch(batch: list[tuple[int, Sample]]) -> None:
-                t0 = time.perf_counter()
-                images = [s.image for _, s in batch]
-                sizes = [labels.label_shape(im.shape[:2], cfg.label_scale) for im in images]
-                merged: list[dict | Exception] = [{} for _ in batch]
-                for expert, _tasks in groups.values():
-                    for i, pred in enumerate(_predict(expert, images, sizes)):
-                        if isinstance(merged[i], Exception):
-                            continue
-                        merged[i] = pred if isinstance(pred, Exception) else {**merged[i], **pred}
-                timing["experts"] += time.perf_counter() - t0
-                for (index, s), maps in zip(batch, merged):
-                    if isinstance(maps, Exception):
-                        ledger.skip(index, s.key, "expert_error", str(maps))
-                        continue
-                    encoded.append((index, s.key, epool.submit(
-                        encode_maps, s.key, maps, tuple(s.image.shape[:2]), tasks, cfg.label_scale, s.orientation)))
-
-            batch: list[tuple[int, Sample]] = []
-            prefetch = 2 * cfg.batch_size + cfg.decode_threads
-            stream = _decoded(src, dpool, prefetch, cfg.max_pixels)
-            while True:
-                t0 = time.perf_counter()
-                item = next(stream, None)
-                timing["wait_decode"] += time.perf_counter() - t0
-                if item is None:
-                    break
-                index, s = item
-                s = ledger.read(index, s)
-                if s is None:  # skipped, or damage to the shard
-                    continue
-                if cfg.sample_delay:
-                    time.sleep(cfg.sample_delay)
-                batch.append((index, s))
-                if len(batch) == cfg.batch_size:
-                    run_batch(batch)
-                    batch = []
-                    write_ready(limit=2 * cfg.batch_size)
-            if batch:
-                run_batch(batch)
-            write_ready(limit=0)
-        if ledger.ok == 0 and ledger.reasons["expert_error"]:
+        with _pool(cfg.decode_threads, "decode") as dpool, _pool(cfg.encode_threads, "encode") as epool, \
+                _lanes(experts, cfg) as lanes:
+            samples = _read(src, dpool, cfg, tally)
+            labelled = _label(samples, lanes, cfg, tally)
+            _write(_encode(labelled, epool, cfg, tally), output, tally)
+        tally.timing["experts"] = sum(lane.seconds for lane in lanes)
+        expert_errors = [s for s in tally.books.skips if s["reason"] == "expert_error"]
+        if tally.books.ok == 0 and expert_errors:
             raise RuntimeError(f"{src}: every image failed in the experts; first error: "
-                               f"{next(s['detail'] for s in ledger.skips if s['reason'] == 'expert_error')}")
-        books = ledger.stats()  # checked before any tar becomes visible
-        for w in writers.values():
-            w.finish()
-        outputs = {}
-        for t, w in writers.items():  # every tar is complete on disk before the first rename
-            outputs[t] = {"path": f"{t}/{name}", **w.commit(),
-                          "kinds": [k for k in labels.KINDS if f"{k}.{labels.MEMBER_EXT}" in w.suffixes]}
+                               f"{min(expert_errors, key=lambda s: s['index'])['detail']}")
+        books = tally.books.stats()  # checked before any tar becomes visible
+        outputs = output.commit()
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        output.abort()
         raise
+    stats = _stats(src, cfg, experts, tally, books, outputs, time.perf_counter() - t_start)
+    write_json_atomic(marker, stats)  # last: its presence means the shard is complete
+    return stats
 
-    stats = {
+
+def _stats(src: Path, cfg: WorkerConfig, experts: dict, tally: _Tally, books: dict, outputs: dict,
+           seconds: float) -> dict:
+    return {
         "stats_version": STATS_VERSION,
         "format_version": labels.FORMAT_VERSION,
-        "shard": stem,
+        "shard": src.stem,
         "source": str(src),
         "source_bytes": src.stat().st_size,
         "fingerprint": cfg.fingerprint,
         **books,
         "outputs": outputs,
-        "class_pixels": pixels[:labels.NUM_SEG_CLASSES + 1].tolist(),
-        "ignore_pixels": int(pixels[labels.SEG_IGNORE]),
-        "class_instances": instances[:labels.NUM_SEG_CLASSES + 1].tolist(),
-        "experts": {t: _describe(experts[t]) for t in tasks},
+        "class_pixels": tally.pixels[:labels.NUM_SEG_CLASSES + 1].tolist(),
+        "ignore_pixels": int(tally.pixels[labels.SEG_IGNORE]),
+        "class_instances": tally.instances[:labels.NUM_SEG_CLASSES + 1].tolist(),
+        "experts": {t: _describe(experts[t]) for t in cfg.tasks},
+        "label_settings": {t: label_settings(experts[t]) for t in cfg.tasks},
         # throughput settings that can still change the experts' float outputs in the last bits
         "run": {"batch_size": cfg.batch_size, "torch_threads": _torch_threads()},
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "timing": {k: round(v, 3) for k, v in timing.items()},
+        "seconds": round(seconds, 3),
+        "timing": {k: round(v, 3) for k, v in tally.timing.items()},
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
     }
-    write_json_atomic(marker, stats)  # last: its presence means the shard is complete
-    return stats
+
+
+def label_settings(expert, device_type: str | None = None) -> dict:
+    """``expert.label_settings(device_type)`` where the expert has it (torch experts: precision and
+    device codes); otherwise what its description says about device codes."""
+    fn = getattr(expert, "label_settings", None)
+    if fn is not None:
+        return fn(device_type) if device_type is not None else fn()
+    d = _describe(expert)
+    return {"device_codes": d["device_codes"]} if "device_codes" in d else {}
 
 
 def _torch_threads() -> int | None:
@@ -380,10 +567,14 @@ class ShardWorker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.experts = build_experts(cfg.tasks, cfg.profile, device, cfg.options, cfg.factory)
-        if cfg.device_codes is not None:
-            for e in self.experts.values():
-                if hasattr(e, "device_codes"):
-                    e.device_codes = bool(cfg.device_codes)
+        apply_device_codes(self.experts, cfg.device_codes)
+        actual = {t: label_settings(e) for t, e in self.experts.items()}
+        if cfg.label_settings and actual != cfg.label_settings:
+            # the job's fingerprint (and so its resume decisions) assumed other settings
+            raise RuntimeError(f"the worker's experts on {device} label with {actual}, but the job planned "
+                               f"for {cfg.label_settings}: pass --device explicitly")
+        self.warm_up = {t: e.warm_up(cfg.warm_up_sizes) for t, e in self.experts.items()
+                        if cfg.warm_up_sizes and hasattr(e, "warm_up")}
 
     def info(self) -> dict:
         node = None
@@ -395,10 +586,20 @@ class ShardWorker:
         except Exception:  # noqa: BLE001 - informative only
             pass
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node,
-                "device": self.device, "malloc_tuned": self.malloc_tuned, "experts": {t: e.describe() for t, e in self.experts.items()}}
+                "device": self.device, "malloc_tuned": self.malloc_tuned, "warm_up": self.warm_up,
+                "experts": {t: e.describe() for t, e in self.experts.items()}}
 
     def process(self, src_tar: str, out_root: str) -> dict:
         return process_shard(src_tar, out_root, self.experts, self.cfg)
+
+
+def apply_device_codes(experts: dict, device_codes: bool | None) -> None:
+    """The job's ``--device-codes on|off`` over every expert that has the switch (None: defaults)."""
+    if device_codes is None:
+        return
+    for e in experts.values():
+        if hasattr(e, "device_codes"):
+            e.device_codes = bool(device_codes)
 
 
 def build_experts(tasks, profile: str, device: str = "cpu", options: dict | None = None,

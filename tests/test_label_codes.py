@@ -36,6 +36,47 @@ def test_device_codes_equal_host_codes_bit_for_bit(hw):
             labels.encode(kind, arr, image_size=(2 * hw[0], 2 * hw[1]))
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (5, 1), (37, 53)])
+def test_batched_device_codes_equal_host_codes_per_image(hw):
+    """A whole batch per kind (one range reduction, one host copy) gives each image the codes the
+    host gives it alone — including a constant image (zero span) next to varying ones."""
+    per_image = [maps(*hw, seed=s) for s in range(4)]
+    per_image[2]["depth"][:] = 3.5
+    per_image[1]["seg_conf"][:] = 0.0
+    batches = [(kind, torch.from_numpy(np.stack([m[kind] for m in per_image]))) for kind in per_image[0]]
+    got = labels_torch.to_codes_many(batches)
+    assert len(got) == len(batches)
+    for (kind, _), codes in zip(batches, got):
+        assert len(codes) == len(per_image)
+        for m, dev in zip(per_image, codes):
+            host = labels.to_codes(kind, m[kind])
+            assert (dev.lo, dev.hi) == (host.lo, host.hi), kind
+            np.testing.assert_array_equal(dev.codes, host.codes, err_msg=kind)
+            np.testing.assert_array_equal(dev.class_pixels() if kind == "seg" else 0,
+                                          host.class_pixels() if kind == "seg" else 0)
+            assert labels.pack(dev, image_size=(9, 9)) == labels.pack(host, image_size=(9, 9))
+
+
+def test_batched_device_codes_name_the_bad_image():
+    good = maps(6, 7)
+    depth = np.stack([good["depth"], good["depth"]])
+    depth[1, 2, 3] = np.inf
+    with pytest.raises(ValueError, match="image 1 of the batch"):
+        labels_torch.to_codes_many([("depth", torch.from_numpy(depth))])
+    normal = np.stack([good["normal"]] * 3)
+    normal[2, 0, 0, 1] = np.nan
+    with pytest.raises(ValueError, match="image 2 of the batch"):
+        labels_torch.to_codes_many([("normal", torch.from_numpy(normal))])
+
+
+def test_to_host_returns_every_dtype_the_codes_use():
+    ts = [torch.arange(6, dtype=torch.int16).view(2, 3), torch.tensor([True, False]),
+          torch.tensor([1.5, -2.0]), torch.arange(4, dtype=torch.int64), torch.arange(3, dtype=torch.uint8)]
+    for t, a in zip(ts, labels_torch.to_host(ts)):
+        np.testing.assert_array_equal(a, t.numpy())
+        assert a.dtype == t.numpy().dtype and a.shape == tuple(t.shape)
+
+
 def test_device_seg_codes_carry_their_histogram():
     seg = maps(37, 53)["seg"]
     c = labels_torch.to_codes("seg", torch.from_numpy(seg))

@@ -372,6 +372,11 @@ def test_smoke_labels_fixture_is_the_job_output(sample_dir, smoke_labels):
     assert m["counts"]["samples"] == 16 and m["counts"]["shard_damage"] == {}
     assert m["kinds"] == {"seg": ["seg"], "depth": ["depth"], "normal": ["normal", "normal_conf"]}
     assert m["config"]["profile"] == PROFILE and m["config"]["label_scale"] == 0.5
+    # what changes labels beyond the last bits is recorded as the workers ran it (CPU: fp32, host codes)
+    assert m["config"]["device"] == "cpu"
+    assert m["config"]["label_settings"] == {t: {"precision": "fp32", "device_codes": False} for t in labels.TASKS}
+    assert {t: (d["precision"], d["device_codes"]) for t, d in m["experts"].items()} == \
+        {t: ("fp32", False) for t in labels.TASKS}
     assert m["run"] == {"batch_size": 8, "torch_threads": 1} and m["run_differs_in_shards"] == []
     assert set(m["experts"]) == set(labels.TASKS)
     assert m["checkpoints"] == {k: v for d in m["experts"].values() for k, v in d["checkpoints"].items()}

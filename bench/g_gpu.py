@@ -1,0 +1,450 @@
+"""G1, G2, G4 (and the option variants): the labelling job on a GPU, without Ray.
+
+``make bench-gpu`` = ``python -m bench.run --device cuda``; ``python -m bench.run --device cpu G1 G2
+G4`` runs the same code with the smoke experts on a few images (a check of the code path, not a
+measurement). Needs only torch, torchvision, transformers and the small dependencies (zstandard,
+geffnet, Pillow, numpy): ``pipeline.worker.process_shard`` is called directly.
+
+Experts: on CUDA the default architectures with seeded random weights (profile ``random``:
+``maskrcnn_resnet50_fpn_v2`` with a classifier init that lets some detections pass 0.5, DPT with
+dpt-large's config, NLL-AngMF BN on EfficientNet-B5), ``max_batch`` 8, the job's defaults
+otherwise (bf16 autocast, label codes on the device, padded batches, pinned uploads). Input: the
+sample's photos cycled into 2 shards of 128 (16 sizes, 7 DPT/NLL input shapes).
+
+G1  per expert: samples/s of ``process_shard`` with that expert alone (worker order: buckets,
+    padding, codes, decode/encode overlapped) vs its bare forward on full batches of one input
+    shape (each image costed at its own shape's full-batch time; seg: transform, backbone, RPN
+    and ROI heads, without the paste). Goal >= 0.8. Also the first-use cost: the expert's
+    ``warm_up`` over the images' shapes in a fresh process minus the same call once warm.
+G2  samples/s of ``process_shard`` with all three experts vs 1 / (sum of the bare per-image
+    times). Goal >= 0.85, and >= 3 x 11.6 = 34.8 samples/s on an H100-class GPU (11.6: the job
+    before issue 9's changes, ../shared/GPU.md). Variants of the job's options on one shard
+    (concurrent experts, window 8, device codes off, pinned uploads off, padding off) decide the
+    defaults.
+G4  labels of the GPU path (bf16 autocast, codes on the device) vs the fp32 path (codes on the
+    host) on the same images, as stored (encoded, decoded): seg pixel agreement, depth mean
+    relative error, normal angular error median / p99, on the sample's 16 distinct photos; tf32
+    the same way. Goal: seg >= 99 %,
+    depth <= 1 %, normals median <= 1 degree; prints the precision to use per expert. Random
+    weights exaggerate flips near the 0.5 score threshold: confirm with real weights.
+
+Everything runs within a time budget (``budget_s``, default 300 s on CUDA): variants that would
+start after it are skipped and say so. Results are saved after every part (``save``).
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TASKS = ("seg", "depth", "normal")
+BEFORE_ISSUE_9 = 11.6  # samples/s of process_shard, three experts, H100 (../shared/GPU.md)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench-gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class _Setup:
+    def __init__(self, device: str, sample_dir: str, quick: bool, tmp: Path):
+        import torch
+
+        from bench.p2_p3_p6_job import make_shards
+        from pipeline.shards import Sample, iter_samples
+
+        self.torch = torch
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.quick = quick
+        self.profile = "smoke" if quick else "random"
+        n_shards, per_shard = (2, 6) if quick else (2, 128)
+        self.shards = make_shards(Path(sample_dir), tmp / "src", n_shards, per_shard)
+        self.images = [s.image for p in self.shards for s in iter_samples(p) if isinstance(s, Sample)]
+        self.batch = 2 if quick else 8
+        self.options = {t: {"max_batch": self.batch} for t in TASKS}
+        self.tmp = tmp
+        self.t0 = time.perf_counter()
+        self.gpu = torch.cuda.get_device_name(torch.device(device)) if self.cuda else (platform.processor() or "cpu")
+        self.env = {"device": device, "gpu_name": self.gpu, "torch": torch.__version__,
+                    "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if self.cuda else None,
+                    "profile": self.profile, "images": len(self.images), "shards": len(self.shards),
+                    "batch": self.batch, "python": sys.version.split()[0]}
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def build(self):
+        from expert_wrappers import build_experts
+
+        t0 = time.perf_counter()
+        experts = build_experts(TASKS, self.profile, self.device, self.options)
+        self.sync()
+        return experts, time.perf_counter() - t0
+
+    def worker(self, tasks=TASKS, **kw):
+        from pipeline.worker import WorkerConfig
+
+        return WorkerConfig(tasks=tuple(tasks), profile=self.profile, device=self.device,
+                            batch_size=self.batch, **kw)
+
+    def job(self, experts: dict, cfg, shards=None, name: str = "job") -> dict:
+        """process_shard over the shards; samples/s over the sum of shard wall times."""
+        from pipeline.worker import process_shard
+
+        out = self.tmp / f"out-{name}"
+        ok = seconds = 0.0
+        timing: dict = {}
+        for shard in shards or self.shards:
+            st = process_shard(shard, out, experts, cfg)
+            ok += st["ok"]
+            seconds += st["seconds"]
+            for k, v in st["timing"].items():
+                timing[k] = round(timing.get(k, 0.0) + v, 3)
+        shutil.rmtree(out, ignore_errors=True)
+        return {"samples": int(ok), "seconds": round(seconds, 3), "samples_per_s": round(ok / seconds, 3),
+                "timing_s": timing}
+
+
+# ----------------------------------------------------------------------------------------------
+# bare forwards
+
+
+def _bare_call(task: str, expert, batch: list[np.ndarray]):
+    """The model call the expert makes for one full batch, inputs prepared once (untimed)."""
+    import torch
+
+    if task == "seg":
+        tensors = [expert.to_device(im).float().div_(255.0) for im in batch]
+        m = expert.model
+
+        def call():
+            with torch.inference_mode(), expert.autocast():
+                b, _ = m.transform(tensors)
+                feats = m.backbone(b.tensors)
+                proposals, _ = m.rpn(b, feats)
+                m.roi_heads(feats, proposals, b.image_sizes)
+        return call
+    with torch.inference_mode():
+        x = expert.channels_last(expert.preprocess(batch, expert.batch_key(batch[0].shape[:2])))
+
+    def call():
+        with torch.inference_mode():
+            expert.forward(x)
+    return call
+
+
+def bare_seconds_per_image(s: _Setup, task: str, expert, reps: int | None = None) -> dict:
+    """Per input shape the full-batch forward time / batch; per image its shape's time."""
+    from expert_wrappers._torch import shape_groups
+
+    reps = reps or (1 if s.quick else 3)
+    keys = [expert.batch_key(im.shape[:2]) for im in s.images]
+    per_key: dict = {}
+    for idx in shape_groups(keys, len(keys)):
+        key = keys[idx[0]]
+        batch = [s.images[idx[j % len(idx)]] for j in range(expert.max_batch)]  # a full batch of that shape
+        call = _bare_call(task, expert, batch)
+        call()
+        s.sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            call()
+        s.sync()
+        per_key[key] = (time.perf_counter() - t0) / reps / expert.max_batch
+    per_image = [per_key[k] for k in keys]
+    return {"seconds_per_image": float(np.mean(per_image)), "shapes": len(per_key),
+            "ms_per_image_by_shape": {str(k): round(v * 1e3, 3) for k, v in per_key.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# parts
+
+
+def g1(s: _Setup, experts: dict) -> dict:
+    out: dict = {"gpu_name": s.gpu, "goal": "wrapper / bare >= 0.8 per expert", "per_expert": {}}
+    sizes = [im.shape[:2] for im in s.images]
+    for task in TASKS:
+        try:
+            out["per_expert"][task] = _g1_expert(s, task, experts[task], sizes)
+        except Exception as e:  # noqa: BLE001 - the other experts still run
+            _log(f"G1 {task} failed: {type(e).__name__}: {e}")
+            out["per_expert"][task] = {"error": f"{type(e).__name__}: {e}"}
+    ok = {t: p for t, p in out["per_expert"].items() if "ratio" in p}
+    if len(ok) < len(TASKS):
+        out["error"] = "an expert failed (see per_expert)"
+    if ok:
+        out["ratio"] = min(p["ratio"] for p in ok.values())
+        out["bare_ms_per_image"] = {t: p["bare_ms_per_image"] for t, p in ok.items()}
+    return out
+
+
+def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
+    first = e.warm_up(sizes)  # a fresh process: every (batch, shape) pair is new here
+    again = e.warm_up(sizes)
+    bare = bare_seconds_per_image(s, task, e)
+    job = s.job({task: e}, s.worker(tasks=(task,)), name=f"g1-{task}")
+    bare_rate = 1.0 / bare["seconds_per_image"]
+    r = {"ratio": round(job["samples_per_s"] / bare_rate, 4),
+         "wrapper_samples_per_s": job["samples_per_s"], "bare_samples_per_s": round(bare_rate, 3),
+         "bare_ms_per_image": round(bare["seconds_per_image"] * 1e3, 3),
+         "bare_ms_per_image_by_shape": bare["ms_per_image_by_shape"], "input_shapes": bare["shapes"],
+         "job_timing_s": job["timing_s"],
+         "first_use": {"shapes": first["shapes"], "first_s": first["seconds"], "warm_s": again["seconds"],
+                       "s_per_new_shape": round((first["seconds"] - again["seconds"]) / max(1, first["shapes"]), 3)},
+         "describe": {k: v for k, v in e.describe().items() if k in ("name", "precision", "device_codes",
+                                                                     "max_batch", "pad_batches")}}
+    _log(f"G1 {task}: wrapper {job['samples_per_s']:.1f}/s vs bare {bare_rate:.1f}/s -> {r['ratio']:.3f}; "
+         f"first use {first['seconds']:.1f} s for {first['shapes']} shapes (warm {again['seconds']:.2f} s)")
+    return r
+
+
+@contextlib.contextmanager
+def _set(experts: dict, **attrs):
+    old = {t: {k: getattr(e, k) for k in attrs if hasattr(e, k)} for t, e in experts.items()}
+    for e in experts.values():
+        for k, v in attrs.items():
+            if hasattr(e, k):
+                setattr(e, k, v)
+    try:
+        yield
+    finally:
+        for t, e in experts.items():
+            for k, v in old[t].items():
+                setattr(e, k, v)
+
+
+def g2(s: _Setup, experts: dict, bare_ms: dict) -> dict:
+    bare_rate = 1000.0 / sum(bare_ms.values())
+    job = s.job(experts, s.worker(), name="g2")
+    out = {"gpu_name": s.gpu, "ratio": round(job["samples_per_s"] / bare_rate, 4),
+           "samples_per_s": job["samples_per_s"], "bare_samples_per_s": round(bare_rate, 3),
+           "vs_before_issue_9": round(job["samples_per_s"] / BEFORE_ISSUE_9, 3),
+           "goal": f"ratio >= 0.85 and samples_per_s >= {3 * BEFORE_ISSUE_9:.1f} on an H100-class GPU",
+           "job": job, "variants": {}}
+    _log(f"G2: job {job['samples_per_s']:.1f}/s vs bare {bare_rate:.1f}/s -> {out['ratio']:.3f} "
+         f"({out['vs_before_issue_9']:.2f} x the {BEFORE_ISSUE_9}/s before)")
+    return out
+
+
+VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes); one shard each
+    ("default", {}, {}),
+    ("concurrent_experts", {"concurrent_experts": True}, {}),
+    ("window = batch (no bucketing across batches)", {"window": None}, {}),
+    ("device_codes_off", {}, {"device_codes": False}),
+    ("pin_memory_off", {}, {"pin_memory": False}),
+    ("padding_off, first pass (new batch sizes)", {}, {"pad_batches": False}),
+    ("padding_off, second pass", {}, {"pad_batches": False}),
+]
+
+
+def g2_variants(s: _Setup, experts: dict, budget_s: float, save) -> dict:
+    """The job's options one at a time against the default, on the first shard; each variant is
+    skipped once the run has used ``budget_s``."""
+    out: dict = {}
+    for name, cfg_kw, attrs in VARIANTS:
+        if s.elapsed() > budget_s:
+            out[name] = {"skipped": f"time budget ({budget_s:.0f} s) spent"}
+            continue
+        cfg_kw = {k: (s.batch if v is None else v) for k, v in cfg_kw.items()}
+        try:
+            with _set(experts, **attrs):
+                r = s.job(experts, s.worker(**cfg_kw), shards=s.shards[:1], name="variant")
+            out[name] = r
+            _log(f"G2 variant {name}: {r['samples_per_s']:.1f}/s")
+        except Exception as e:  # noqa: BLE001 - one variant must not hide the others
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            _log(f"G2 variant {name} failed: {e}")
+        save(out)
+    return out
+
+
+def profile(s: _Setup, experts: dict, path: Path, n: int) -> dict:
+    """torch.profiler over ``process_shard`` on the first ``n`` images: the top ops by device and
+    by host time, written to ``path`` (for reading when a goal is missed)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from bench.p2_p3_p6_job import make_shards
+
+    shard = make_shards(Path(s.tmp / "src"), s.tmp / "prof-src", 1, n)[0]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.cuda else [])
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        s.job(experts, s.worker(), shards=[shard], name="profile")
+    table = prof.key_averages()
+    text = []
+    if s.cuda:
+        text.append(table.table(sort_by="self_cuda_time_total", row_limit=40))
+    text.append(table.table(sort_by="self_cpu_time_total", row_limit=40))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"process_shard on {n} images, {s.gpu}\n\n" + "\n\n".join(text))
+    return {"path": str(path), "images": n, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _stored_values(kind: str, value) -> np.ndarray:
+    """What a label member gives back for a map: encoded (codes or float map) and decoded."""
+    from pipeline import labels
+
+    data = labels.pack(value) if isinstance(value, labels.Codes) else labels.encode(kind, np.asarray(value))
+    return labels.decode(labels.member_name("k", kind), data)
+
+
+def _compare(task: str, a: list[dict], b: list[dict]) -> dict:
+    """Labels ``a`` (the path under test) against ``b`` (fp32, host codes)."""
+    if task == "seg":
+        same = [float((_stored_values("seg", x["seg"]) == _stored_values("seg", y["seg"])).mean()) for x, y in zip(a, b)]
+        return {"pixel_agreement": round(float(np.mean(same)), 5), "worst_image": round(min(same), 5)}
+    if task == "depth":
+        rel = []
+        for x, y in zip(a, b):
+            da, db = _stored_values("depth", x["depth"]), _stored_values("depth", y["depth"])
+            ok = db > 1e-6 * max(float(db.max()), 1e-12)
+            rel.append(float((np.abs(da - db)[ok] / db[ok]).mean()) if ok.any() else 0.0)
+        return {"mean_relative_error": round(float(np.mean(rel)), 6), "worst_image": round(max(rel), 6)}
+    ang = []
+    for x, y in zip(a, b):
+        na, nb = _stored_values("normal", x["normal"]), _stored_values("normal", y["normal"])
+        ang.append(np.degrees(np.arccos(np.clip((na * nb).sum(-1), -1, 1))).ravel())
+    ang = np.concatenate(ang)
+    return {"angle_median_deg": round(float(np.median(ang)), 4), "angle_p99_deg": round(float(np.percentile(ang, 99)), 4)}
+
+
+def _meets(task: str, m: dict) -> bool:
+    if task == "seg":
+        return m["pixel_agreement"] >= 0.99
+    if task == "depth":
+        return m["mean_relative_error"] <= 0.01
+    return m["angle_median_deg"] <= 1.0
+
+
+def g4(s: _Setup, experts: dict, n_images: int) -> dict:
+    from pipeline.labels import label_shape
+
+    images = s.images[:n_images]  # the shards cycle the sample's 16 photos: the first 16 are distinct
+    sizes = [label_shape(im.shape[:2], 0.5) for im in images]
+    out: dict = {"gpu_name": s.gpu, "images": len(images), "per_expert": {}, "recommended_precision": {},
+                 "goal": "seg >= 0.99, depth <= 0.01, normal median <= 1 deg (bf16 + device codes vs fp32 + host codes)",
+                 "note": "random weights: scores near the 0.5 threshold flip more than a trained model's"}
+    for task in TASKS:
+        try:
+            res = _g4_expert(experts[task], task, images, sizes)
+        except Exception as e:  # noqa: BLE001 - the other experts still run
+            _log(f"G4 {task} failed: {type(e).__name__}: {e}")
+            out["per_expert"][task] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        pick = next((p for p in ("bf16", "tf32") if _meets(task, res[p])), "fp32")
+        out["per_expert"][task] = res
+        out["recommended_precision"][task] = pick
+        _log(f"G4 {task}: bf16 {res['bf16']}, tf32 {res['tf32']} -> {pick}")
+    rec = out["recommended_precision"]
+    out["recommended_cli"] = "--precision " + ",".join(f"{t}={p}" for t, p in rec.items())
+    got = {t: out["per_expert"][t].get("bf16") for t in TASKS}
+    if got["seg"]:
+        out["seg_pixel_agreement"] = got["seg"]["pixel_agreement"]
+    if got["depth"]:
+        out["depth_mean_rel_err"] = got["depth"]["mean_relative_error"]
+    if got["normal"]:
+        out["normal_median_deg"] = got["normal"]["angle_median_deg"]
+        out["normal_p99_deg"] = got["normal"]["angle_p99_deg"]
+    return out
+
+
+def _g4_expert(e, task: str, images, sizes) -> dict:
+    old = (e.precision_option, e.device_codes)
+    try:
+        e.set_precision("fp32")
+        e.device_codes = False
+        reference = e.predict(images, sizes)
+        e.device_codes = True
+        codes_fp32 = e.predict(images, sizes)
+        res = {"device_codes_vs_host_fp32": _compare(task, codes_fp32, reference)}
+        for prec in ("bf16", "tf32"):
+            e.set_precision(prec)
+            res[prec] = _compare(task, e.predict(images, sizes), reference)
+    finally:
+        e.set_precision(old[0])
+        e.device_codes = old[1]
+    return res
+
+
+def run(device: str = "cuda", parts=("G1", "G2", "G4"), sample_dir: str = "data/sample",
+        quick: bool | None = None, budget_s: float | None = None, save=None,
+        profile_path: str | None = None) -> dict:
+    """Returns {"G1": ..., "G2": ..., "G4": ...} (whichever of ``parts``), each with the GPU's name;
+    ``save(results)`` is called after every part. Order: G1 (warms the experts up and measures the
+    bare forwards), G2, G4, then G2's option variants and a profile while time is left."""
+    import torch
+
+    quick = (not device.startswith("cuda")) if quick is None else quick
+    budget_s = budget_s if budget_s is not None else (600.0 if quick else 270.0)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no CUDA device")
+    if quick and not device.startswith("cuda"):
+        torch.set_num_threads(1)  # a shared CPU: spinning OpenMP threads would dominate the figures
+    save = save or (lambda r: None)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    results: dict = {}
+    try:
+        s = _Setup(device, sample_dir, quick, tmp)
+        _log(f"{s.gpu}: {len(s.images)} images in {len(s.shards)} shards, experts '{s.profile}', batch {s.batch}")
+        experts, build_s = s.build()
+        _log(f"experts built in {build_s:.1f} s")
+        env = {**s.env, "experts_build_s": round(build_s, 2)}
+
+        def part(name: str, fn):
+            """One part; its failure is recorded in its place and the others still run."""
+            try:
+                r = fn()
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                _log(f"{name} failed: {type(e).__name__}: {e}")
+                r = {"error": f"{type(e).__name__}: {e}"}
+            r["env"] = env
+            return r
+
+        g1r: dict = {}
+        if {"G1", "G2"} & set(parts):
+            g1r = part("G1", lambda: g1(s, experts))  # G2 needs its bare times and warmed experts
+            if "G1" in parts:
+                results["G1"] = g1r
+                save(results)
+        if "G2" in parts:
+            results["G2"] = part("G2", lambda: g2(s, experts, g1r["bare_ms_per_image"]))
+            save(results)
+        if "G4" in parts:
+            results["G4"] = part("G4", lambda: g4(s, experts, 4 if quick else 16))
+            save(results)
+        if "G2" in parts and "error" not in results["G2"]:
+            results["G2"]["variants"] = part("G2 variants", lambda: g2_variants(
+                s, experts, budget_s, lambda v: save({**results, "G2": {**results["G2"], "variants": v}})))
+            results["G2"]["variants"].pop("env", None)
+            save(results)
+            if profile_path and s.elapsed() < budget_s:
+                results["G2"]["profile"] = part("profile", lambda: profile(s, experts, Path(profile_path),
+                                                                         4 if quick else 32))
+                results["G2"]["profile"].pop("env", None)
+                save(results)
+        _log(f"done in {s.elapsed():.0f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+if __name__ == "__main__":
+    import json
+
+    dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    print(json.dumps(run(dev), indent=1, default=str))

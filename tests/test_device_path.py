@@ -1,0 +1,375 @@
+"""The experts' GPU path, tested on CPU: no CPU-only kernel on it, labels of bucketed batches equal
+labels of each image alone, seg masks sampled at the label resolution, precision and the resume
+fingerprint. Real smoke experts on real photographs; no GPU needed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from expert_wrappers import build_expert, build_experts
+from pipeline import labels
+from pipeline.shards import Sample, iter_samples, tar_bytes
+from pipeline.worker import WorkerConfig, process_shard
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def sample_images(sample_dir: Path, n: int | None = None) -> list[np.ndarray]:
+    images = [s.image for p in sorted(sample_dir.glob("*.tar")) for s in iter_samples(p) if isinstance(s, Sample)]
+    return images[:n]
+
+
+def label_sizes(images) -> list[tuple[int, int]]:
+    return [labels.label_shape(im.shape[:2], 0.5) for im in images]
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels that exist on CPU only
+
+
+# (aten op name prefix, dtypes) that CUDA has no kernel for although CPU has one. The resize
+# kernels' CUDA versions dispatch floating types only; CPU adds uint8 for torchvision's
+# PIL-compatible resize (the bug of issue 9: NLL-AngMF's antialiased bilinear on uint8).
+CPU_ONLY = [(op, {torch.uint8}) for op in (
+    "aten.upsample_bilinear2d", "aten._upsample_bilinear2d_aa", "aten.upsample_bicubic2d",
+    "aten._upsample_bicubic2d_aa", "aten.upsample_linear1d", "aten.upsample_trilinear3d")]
+# torch's "shell" unsigned dtypes: a handful of kernels, fewer on CUDA; keep them off the device
+LIMITED_DTYPES = {torch.uint16, torch.uint32, torch.uint64}
+
+
+class CpuOnlyKernelGuard(TorchDispatchMode):
+    """Records every aten op (with its tensors' dtypes) and the ones with no CUDA kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[tuple[str, tuple]] = set()
+        self.violations: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtypes = tuple(sorted({str(a.dtype) for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                               if isinstance(a, torch.Tensor)}))
+        name = str(func.overloadpacket)
+        self.ops.add((name, dtypes))
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        for op, bad in CPU_ONLY:
+            if name == op and tensors and tensors[0].dtype in bad:
+                self.violations.append(f"{name} on {tensors[0].dtype}")
+        if any(t.dtype in LIMITED_DTYPES for t in tensors):
+            self.violations.append(f"{name} on {sorted(str(t.dtype) for t in tensors)}")
+        return func(*args, **kwargs)
+
+
+def test_the_guard_sees_the_issue_9_kernel():
+    """The guard itself: an antialiased bilinear resize of a uint8 image is flagged, the same on
+    float is not (what NormalExpert does now)."""
+    x = torch.zeros(1, 3, 20, 30, dtype=torch.uint8)
+    with CpuOnlyKernelGuard() as guard:
+        torch.nn.functional.interpolate(x.float(), size=(10, 15), mode="bilinear", antialias=True)
+        torch.nn.functional.interpolate(x, size=(10, 15), mode="nearest-exact")
+    assert guard.violations == []
+    with CpuOnlyKernelGuard() as guard:
+        torch.nn.functional.interpolate(x, size=(10, 15), mode="bilinear", antialias=True)
+    assert guard.violations == ["aten._upsample_bilinear2d_aa on torch.uint8"]
+
+
+def test_device_path_calls_no_cpu_only_kernel(sample_dir):
+    """Every op the experts run with their device-path settings — bf16 autocast, padded batches,
+    label codes on the device — exists on CUDA for the dtypes used. On CPU the experts take the
+    same code as on CUDA (no device branches around the ops; only channels_last, pinned memory and
+    streams differ), so what runs here is what a GPU runs."""
+    images = sample_images(sample_dir, 2)  # two input shapes; max_batch 2 keeps bf16 on CPU quick
+    experts = build_experts("seg,depth,normal", "smoke",
+                            options={t: {"precision": "bf16", "pad_batches": True, "max_batch": 2}
+                                     for t in labels.TASKS})
+    for e in experts.values():
+        e.device_codes = True
+    with CpuOnlyKernelGuard() as guard:
+        for e in experts.values():
+            out = e.predict(images, label_sizes(images))
+            assert all(isinstance(v, labels.Codes) for o in out for k, v in o.items() if k != "instance_classes")
+    assert guard.violations == []
+    seen = {name for name, _ in guard.ops}
+    # the guard saw the resizes it is about, so an empty list means something
+    assert {"aten._upsample_bilinear2d_aa", "aten.upsample_bicubic2d", "aten.bincount"} <= seen
+
+
+# ----------------------------------------------------------------------------------------------
+# buckets: labels equal each image predicted alone; source order; fewer, fuller forwards
+
+
+def _members(tar: Path) -> dict[str, bytes]:
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
+
+
+def test_bucketed_labels_equal_each_image_alone(sample_dir, tmp_path):
+    """The worker gathers images of one network input shape from across the shard into full
+    batches; with padded batches (the CUDA default) every forward has the same size, so each
+    image's labels are exactly those of predicting it alone, and members stay in source order."""
+    from pipeline.worker import encode_maps
+
+    torch.set_num_threads(1)
+    src = sorted(sample_dir.glob("*.tar"))[0]
+    experts = build_experts("seg,depth,normal", "smoke", options={t: {"pad_batches": True, "max_batch": 2}
+                                                                  for t in labels.TASKS})
+    calls: list[tuple[str, int]] = []
+    for t, e in experts.items():
+        predict = e.predict
+        e.predict = (lambda p, t: lambda images, sizes=None: calls.append((t, len(images))) or p(images, sizes))(predict, t)
+    cfg = WorkerConfig(profile="smoke", batch_size=2, window=8, torch_threads=1)
+    stats = process_shard(src, tmp_path, experts, cfg)
+    samples = [s for s in iter_samples(src) if isinstance(s, Sample)]
+    assert stats["ok"] == len(samples) == 8
+    # shapes shared across the shard ran together: fewer calls than one per image and shape run
+    depth_calls = [n for t, n in calls if t == "depth"]
+    assert sum(depth_calls) == 8 and max(depth_calls) > 1
+    calls.clear()
+    for s in samples:
+        maps = {}
+        for e in experts.values():
+            maps.update(e.predict([s.image], [labels.label_shape(s.image.shape[:2], 0.5)])[0])
+        alone, _ = encode_maps(s.key, maps, s.image.shape[:2], labels.TASKS, 0.5)
+        for task in labels.TASKS:
+            written = _members(tmp_path / task / src.name)
+            for name, data in alone[task]:
+                assert written[name] == data, (task, name)
+    for task in labels.TASKS:
+        keys = [labels.split_member_name(n)[0] for n in _members(tmp_path / task / src.name)]
+        assert list(dict.fromkeys(keys)) == [s.key for s in samples]
+
+
+class ShapeRecorder:
+    """A minimal expert (the ``Expert`` interface, no model) with a ``batch_key``: records each
+    predict call's images, returns constant codes."""
+
+    task, name, checkpoints = "depth", "recorder", {}
+
+    def __init__(self):
+        self.calls: list[list[tuple[int, int]]] = []
+
+    def batch_key(self, hw):
+        return "wide" if hw[1] > hw[0] else "tall" if hw[0] > hw[1] else "square"
+
+    def predict(self, images, sizes=None):
+        from expert_wrappers.null import constant_codes
+
+        self.calls.append([im.shape[:2] for im in images])
+        return [{"depth": constant_codes("depth", hw)} for hw in sizes]
+
+    def describe(self):
+        return {"name": self.name}
+
+
+def test_buckets_fill_across_the_window_and_flush_old_partial_ones(tmp_path):
+    """Batches hold one key; a full bucket runs at once; a partial one runs once its first image
+    is ``window`` images old, and the rest at the end; members keep the source order."""
+    import io
+
+    from PIL import Image
+
+    shapes = ["wide", "tall", "wide", "tall", "square", "wide", "tall", "wide", "wide", "tall", "wide"]
+    dims = {"wide": (8, 12), "tall": (12, 8), "square": (10, 10)}
+    members = []
+    for i, k in enumerate(shapes):
+        buf = io.BytesIO()
+        Image.new("RGB", dims[k][::-1], (i * 20, 0, 0)).save(buf, "JPEG")
+        members += [(f"{i:04d}.jpg", buf.getvalue()), (f"{i:04d}.txt", b"a caption")]
+    src = tmp_path / "00000.tar"
+    src.write_bytes(tar_bytes(members))
+    rec = ShapeRecorder()
+    cfg = WorkerConfig(tasks=("depth",), profile="null", batch_size=3, window=4, torch_threads=1)
+    stats = process_shard(src, tmp_path / "out", {"depth": rec}, cfg)
+    assert stats["ok"] == len(shapes)
+    keys = [[rec.batch_key(hw) for hw in call] for call in rec.calls]
+    assert all(len(set(k)) == 1 for k in keys)  # one shape per call
+    # wide 0,2 run partial at image 4 (image 0 is then 4 old), tall 1,3 at image 5; wide 5,7,8
+    # fill a batch at image 8, when square 4 has waited 4 images; tall 6,9 at image 10; wide 10
+    # at the end of the shard
+    assert [(k[0], len(k)) for k in keys] == [("wide", 2), ("tall", 2), ("wide", 3), ("square", 1),
+                                              ("tall", 2), ("wide", 1)]
+    written = list(_members(tmp_path / "out" / "depth" / src.name))
+    assert [labels.split_member_name(n)[0] for n in written] == [f"{i:04d}" for i in range(len(shapes))]
+
+
+def test_concurrent_experts_write_the_same_bytes(sample_dir, tmp_path):
+    """Each expert on its own thread (the GPU option: one CUDA stream per expert) changes when
+    work happens, not what is written."""
+    from tests.test_pipeline import small_shard, tree_files
+
+    torch.set_num_threads(1)
+    src = small_shard(sorted(sample_dir.glob("*.tar"))[1], tmp_path / "src" / "00001.tar", 4)
+    experts = build_experts("seg,depth,normal", "smoke")
+    process_shard(src, tmp_path / "a", experts, WorkerConfig(profile="smoke", batch_size=2, window=4))
+    stats = process_shard(src, tmp_path / "b", experts,
+                          WorkerConfig(profile="smoke", batch_size=2, window=4, concurrent_experts=True))
+    assert stats["ok"] == 4 and tree_files(tmp_path / "a") == tree_files(tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------------------------
+# seg: masks at the label resolution
+
+
+def test_masks_sampled_at_the_label_size_equal_torchvision_paste_then_nearest():
+    """``paste_masks_at`` gives, at each label pixel, the probability torchvision's full-image
+    paste gives at the image pixel a nearest-exact resize reads there — boxes inside, across and
+    outside the image edges, tiny and wide ones."""
+    import torch.nn.functional as F
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from expert_wrappers.seg import paste_masks_at
+
+    g = torch.Generator().manual_seed(0)
+    image_hw, out_hw = (97, 130), (49, 65)
+    boxes = torch.tensor([[10.3, 5.7, 60.2, 44.9], [-8.6, -3.2, 20.4, 15.5], [100.1, 80.7, 140.0, 120.3],
+                          [50.5, 50.5, 51.2, 51.9], [0.0, 0.0, 129.9, 96.9], [131.0, 10.0, 150.0, 20.0]])
+    masks = torch.rand(len(boxes), 1, 28, 28, generator=g)
+    full = paste_masks_in_image(masks, boxes, image_hw)[:, 0]
+    reference = F.interpolate(full[:, None], size=out_hw, mode="nearest-exact")[:, 0]
+    ours = paste_masks_at(masks, boxes, image_hw, out_hw)
+    assert ours.shape == (len(boxes), *out_hw)
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+    assert (reference[0] > 0).any() and not (reference[-1] > 0).any()  # inside and outside boxes tested
+    assert paste_masks_at(masks[:0], boxes[:0], image_hw, out_hw).shape == (0, *out_hw)
+
+
+def test_seg_labels_at_the_label_resolution_agree_with_the_full_resolution_path(sample_dir):
+    """The sample's photos with the smoke seg expert: masks sampled at the label resolution vs
+    pasted at the image's and the class map resized (the path before); goal >= 99.5 % of pixels.
+    (Measured 99.96 %, 12 of 16 images identical: the rest are instances the overlap rule keeps
+    or drops differently because it counts areas on a quarter of the pixels.)"""
+    torch.set_num_threads(1)
+    images = sample_images(sample_dir)
+    sizes = label_sizes(images)
+    expert = build_expert("seg", "smoke")
+    assert expert.paste_at == "label"
+    at_label = expert.predict(images, sizes)
+    expert.paste_at = "image"
+    at_image = expert.predict(images, sizes)
+    same = sum(int((a["seg"] == b["seg"]).sum()) for a, b in zip(at_label, at_image))
+    total = sum(a["seg"].size for a in at_label)
+    assert same / total >= 0.995
+    assert sum(int((b["seg"] > 0).sum()) for b in at_image) > 0.05 * total  # instances were painted
+
+
+def test_seg_drops_detections_below_the_lowest_threshold_before_the_mask_head():
+    from expert_wrappers.seg import score_floor
+
+    e = build_expert("seg", "smoke", score_threshold=0.6, ignore_threshold=0.3)
+    assert e.model.roi_heads.score_thresh == score_floor(0.3) < 0.3
+    assert np.float32(0.3) > np.float32(e.model.roi_heads.score_thresh)  # a score of exactly 0.3 stays
+    assert build_expert("seg", "smoke", confidence=True).model.roi_heads.score_thresh == 0.05
+    with pytest.raises(ValueError, match="paste_at"):
+        build_expert("seg", "smoke", paste_at="label", sam=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision, input shapes, warm-up
+
+
+def test_precision_resolves_per_device_and_is_described():
+    from expert_wrappers._torch import resolve_precision
+
+    assert resolve_precision("auto", "cpu", "depth") == "fp32"
+    assert resolve_precision("auto", "cuda", "depth") == "bf16"
+    assert resolve_precision("tf32", "cpu") == "fp32" and resolve_precision("tf32", "cuda") == "tf32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8", "cpu")
+    e = build_expert("depth", "smoke", precision="bf16")
+    assert e.describe()["precision"] == "bf16" and e.label_settings() == {"precision": "bf16", "device_codes": False}
+    assert e.label_settings("cuda") == {"precision": "bf16", "device_codes": True}
+    auto = build_expert("depth", "smoke")
+    assert auto.label_settings() == {"precision": "fp32", "device_codes": False}
+    assert auto.label_settings("cuda")["precision"] == "bf16"
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    a, b = auto.predict([img])[0]["depth"], e.predict([img])[0]["depth"]
+    assert not np.array_equal(a, b)  # bf16 autocast really ran
+    assert np.abs(a - b).mean() < 0.05 * np.abs(a).mean()
+
+
+def test_fixed_input_shapes_bucket_every_aspect_into_a_few_shapes():
+    from expert_wrappers._torch import fixed_input_shape
+
+    shapes = [(224, 320), (320, 224), (256, 256)]
+    assert fixed_input_shape((300, 451), shapes) == (224, 320)
+    assert fixed_input_shape((512, 300), shapes) == (320, 224)
+    assert fixed_input_shape((500, 520), shapes) == (256, 256)
+    e = build_expert("normal", "smoke", input_shapes=shapes, max_batch=1)
+    img = np.zeros((300, 451, 3), np.uint8)
+    out = e.predict([img], [(150, 226)])[0]
+    assert out["normal"].shape == (150, 226, 3)
+    assert e.warm_up([(300, 451), (310, 460), (512, 300)]) ["shapes"] == 2
+    with pytest.raises(ValueError, match="multiples"):
+        build_expert("normal", "smoke", input_shapes=[(100, 100)])
+
+
+# ----------------------------------------------------------------------------------------------
+# the resume fingerprint: precision and device codes
+
+
+def test_resume_redoes_shards_labelled_under_other_label_settings(sample_dir, tmp_path):
+    """A shard labelled at fp32 (the CPU default) is not complete for a job whose workers run
+    bf16, or convert codes elsewhere: the planned settings enter the fingerprint. Throughput knobs
+    do not."""
+    from pipeline.job import fingerprint, plan, planned_label_settings
+
+    torch.set_num_threads(1)
+    src = [sorted(sample_dir.glob("*.tar"))[0]]
+
+    def fp(options=None, device="cpu", device_codes=None, **cfg_kw):
+        cfg = WorkerConfig(tasks=("depth",), profile="smoke", options=options or {}, **cfg_kw)
+        experts = build_experts(cfg.tasks, "smoke", "cpu", cfg.options)
+        settings = planned_label_settings(experts, device, device_codes)
+        return fingerprint(cfg, {t: e.describe() for t, e in experts.items()}, settings), settings
+
+    base, settings = fp()
+    assert settings == {"depth": {"precision": "fp32", "device_codes": False}}
+    experts = build_experts(("depth",), "smoke", "cpu")
+    process_shard(src[0], tmp_path, experts, WorkerConfig(tasks=("depth",), profile="smoke", fingerprint=base))
+    assert plan(src, tmp_path, ("depth",), base)[1] == []
+    marker = json.loads((tmp_path / "_stats" / f"{src[0].stem}.json").read_text())
+    assert marker["label_settings"] == settings  # what the worker actually ran, in the marker
+    for other in (fp({"depth": {"precision": "bf16"}})[0], fp(device="cuda")[0], fp(device_codes=True)[0]):
+        assert other != base
+        assert plan(src, tmp_path, ("depth",), other)[1] == src  # redone
+    for same in (fp({"depth": {"max_batch": 3, "pad_batches": True}})[0], fp(batch_size=2, window=5)[0]):
+        assert same == base
+
+
+def test_a_worker_whose_experts_differ_from_the_plan_refuses_to_start():
+    from pipeline.worker import ShardWorker
+
+    ok = WorkerConfig(profile="null", device="cpu",
+                      label_settings={t: {"device_codes": True} for t in labels.TASKS})
+    assert ShardWorker(ok).experts
+    bad = WorkerConfig(profile="null", device="cpu", device_codes=False,
+                       label_settings={t: {"device_codes": True} for t in labels.TASKS})
+    with pytest.raises(RuntimeError, match="planned"):
+        ShardWorker(bad)
+
+
+def test_a_worker_warms_its_experts_up_on_the_given_sizes():
+    from pipeline.worker import ShardWorker
+
+    w = ShardWorker(WorkerConfig(tasks=("depth",), profile="smoke", device="cpu", torch_threads=1,
+                                 warm_up_sizes=((64, 96), (66, 98), (96, 64))))
+    assert w.info()["warm_up"]["depth"]["shapes"] == 2  # (64, 96) and (66, 98) share an input shape
+    assert ShardWorker(WorkerConfig(tasks=("depth",), profile="smoke", device="cpu")).info()["warm_up"] == {}
+
+
+def test_cli_precision_sets_each_expert_option():
+    from pipeline.__main__ import _precision
+
+    assert _precision("seg=fp32,depth=bf16", {}) == {"seg": {"precision": "fp32"}, "depth": {"precision": "bf16"}}
+    assert _precision("fp32", {"normal": {"weights": "x"}}) == {
+        "seg": {"precision": "fp32"}, "depth": {"precision": "fp32"}, "normal": {"weights": "x", "precision": "fp32"}}
+    for bad in ("seg=int8", "albedo=fp32", "fp64"):
+        with pytest.raises(ValueError, match="precision"):
+            _precision(bad, {})
