@@ -5,7 +5,7 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -14,8 +14,10 @@ from .base import PRECISIONS, Expert
 
 DEFAULT_SEED = 0
 # "auto" per task on CUDA; everywhere else "auto" is fp32. The GPU benchmark's G4 (labels of bf16
-# autocast vs fp32 on the same images) is what these defaults rest on: see docs/EXPERTS.md.
-CUDA_DEFAULT_PRECISION = {"seg": "bf16", "depth": "bf16", "normal": "bf16"}
+# autocast vs fp32 on the same images, H100) is what these defaults rest on (docs/EXPERTS.md): depth
+# 0.16 % mean relative error and normals 0.03 deg median under bf16; seg kept 85 % of its pixels
+# under bf16 and 95 % under tf32 (goal 99 %), so seg runs in plain fp32.
+CUDA_DEFAULT_PRECISION = {"seg": "fp32", "depth": "bf16", "normal": "bf16"}
 
 
 def resolve_precision(precision: str, device_type: str, task: str = "") -> str:
@@ -181,7 +183,9 @@ class TorchExpert(Expert):
       (batch, shape) pair per input shape, and labels do not depend on how many neighbours an
       image had (on CPU a batch of 1 can take another kernel than a batch of 2). Default: on CUDA.
     - ``pin_memory``: stage images in pinned host memory and copy them without blocking the host.
-      Default: on CUDA.
+      Default: off. Measured on an H100 (bench G2): pinning every image, each of its own size,
+      made the job slower (38.7 vs 47.3 samples/s), as page-locking memory per call costs more
+      than the copy it saves.
     - ``device_codes``: hand over ``labels.Codes`` made on the device (set after construction).
 
     Subclasses that batch by network input shape implement ``batch_key`` (the input shape),
@@ -198,7 +202,7 @@ class TorchExpert(Expert):
         self.on_cuda = self.device.type == "cuda"
         self.set_precision(precision)
         self.pad_batches = self.on_cuda if pad_batches is None else bool(pad_batches)
-        self.pin_memory = self.on_cuda if pin_memory is None else bool(pin_memory) and self.on_cuda
+        self.pin_memory = bool(pin_memory) and self.on_cuda
         # On a GPU the label codes are computed where the maps are (pipeline.labels_torch): the host
         # then only compresses and writes, and a map crosses the bus as 2 bytes per pixel, not 4
         # (12 for normals). On a CPU the worker's encode pool does the same work off the expert's thread.
@@ -235,9 +239,10 @@ class TorchExpert(Expert):
         if not img.flags.writeable:  # torch wants writable memory; decoded frames can be read-only
             img = img.copy()
         t = torch.from_numpy(np.ascontiguousarray(img))
-        if self.pin_memory:
+        pinned = self.pin_memory and self.on_cuda
+        if pinned:
             t = t.pin_memory()
-        return t.to(self.device, non_blocking=self.pin_memory).permute(2, 0, 1)
+        return t.to(self.device, non_blocking=pinned).permute(2, 0, 1)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """A partial batch filled up to ``max_batch`` with its last image (see ``pad_batches``)."""
@@ -255,15 +260,24 @@ class TorchExpert(Expert):
     def emit_many(self, entries: Sequence[tuple[str, torch.Tensor, Sequence[int]]], out: list[dict]) -> None:
         """``(kind, maps (B, H, W[, 3]), image indices)`` -> ``out[index][kind]``: ``labels.Codes``
         (``device_codes``) or host arrays. Every entry crosses to the host in one copy."""
+        self.start_emit(entries)(out)
+
+    def start_emit(self, entries: Sequence[tuple[str, torch.Tensor, Sequence[int]]]) -> Callable[[list[dict]], None]:
+        """``emit_many`` in two steps: the conversion and the copy to the host are queued on the
+        device now; the returned function waits for them and fills ``out``."""
         from pipeline import labels_torch
 
         if self.device_codes:
-            converted = labels_torch.to_codes_many([(kind, t) for kind, t, _ in entries])
+            pending = labels_torch.to_codes_many_deferred([(kind, t) for kind, t, _ in entries])
         else:
-            converted = labels_torch.to_host([t for _, t, _ in entries])
-        for (kind, _, ids), values in zip(entries, converted):
-            for j, i in enumerate(ids):
-                out[i][kind] = values[j]
+            pending = labels_torch.to_host_deferred([t for _, t, _ in entries])
+        targets = [(kind, ids) for kind, _, ids in entries]
+
+        def finish(out: list[dict]) -> None:
+            for (kind, ids), values in zip(targets, pending()):
+                for j, i in enumerate(ids):
+                    out[i][kind] = values[j]
+        return finish
 
     def channels_last(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.on_cuda else x.contiguous()
@@ -285,16 +299,29 @@ class TorchExpert(Expert):
 
     def predict(self, images: list[np.ndarray], sizes=None) -> list[dict]:
         """Groups of equal ``batch_key`` -> ``predict_batch`` each -> one host hand-over per batch."""
+        return self.predict_deferred(images, sizes)()
+
+    def predict_deferred(self, images: list[np.ndarray], sizes=None) -> Callable[[], list[dict]]:
+        """``predict`` in two steps: the device work (and the copy of its results to the host) is
+        queued now; the returned function waits for it and returns what ``predict`` returns. A
+        caller that queues its next batch before finishing this one keeps the GPU busy while the
+        host finishes (the worker does: ``pipeline.worker._Lane``). On a CPU everything runs now."""
         check_images(images)
         out_hw = output_sizes(images, sizes)
         keys = [self.batch_key(im.shape[:2]) for im in images]
         res: list[dict] = [{} for _ in images]
+        pending = []
         with torch.inference_mode():
             for idx in shape_groups(keys, self.max_batch):
                 maps = self.predict_batch([images[i] for i in idx], [out_hw[i] for i in idx], keys[idx[0]],
                                           [res[i] for i in idx])
-                self.emit_many([(kind, t, [idx[j] for j in pos]) for kind, t, pos in maps], res)
-        return res
+                pending.append(self.start_emit([(kind, t, [idx[j] for j in pos]) for kind, t, pos in maps]))
+
+        def finish() -> list[dict]:
+            for fill in pending:
+                fill(res)
+            return res
+        return finish
 
     def predict_batch(self, images: list[np.ndarray], sizes: list[tuple[int, int]], key, out: list[dict]
                       ) -> list[tuple[str, torch.Tensor, list[int]]]:

@@ -16,7 +16,7 @@ limited-support dtype (few kernels, on CUDA fewer still), so it never appears on
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,27 +71,41 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """Tensors on one device -> numpy arrays on the host, with one synchronisation.
 
     On a CPU device the arrays share the tensors' memory. Elsewhere every tensor is viewed as
-    bytes, concatenated and copied once into pinned host memory (``non_blocking``), then the
-    device's stream is synchronised once; the arrays are views of that one buffer."""
+    bytes, concatenated and copied once into pinned host memory (``non_blocking``), then the host
+    waits once for that copy; the arrays are views of that one buffer."""
+    return to_host_deferred(tensors)()
+
+
+def to_host_deferred(tensors: Sequence[torch.Tensor]) -> Callable[[], list[np.ndarray]]:
+    """``to_host`` in two steps: the copy is queued on the device's stream now (an event marks its
+    end); the returned function waits for that event only, not for work queued after it, and
+    returns the arrays."""
     tensors = [t.contiguous() for t in tensors]
-    if not tensors:
-        return []
     for t in tensors:
         if t.dtype not in _NUMPY:
             raise TypeError(f"to_host: unsupported dtype {t.dtype}")
     if all(t.device.type == "cpu" for t in tensors):
-        return [t.numpy() for t in tensors]
+        arrays = [t.numpy() for t in tensors]
+        return lambda: arrays
+    layout = [(_NUMPY[t.dtype], tuple(t.shape), t.numel() * t.element_size()) for t in tensors]
     flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
     host = flat.to("cpu", non_blocking=True)
+    done = None
     if flat.device.type == "cuda":
-        torch.cuda.current_stream(flat.device).synchronize()
-    raw = host.numpy()
-    out, start = [], 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        out.append(raw[start:start + n].view(_NUMPY[t.dtype]).reshape(tuple(t.shape)))
-        start += n
-    return out
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(flat.device))
+    del flat, tensors  # the stream's order keeps the memory valid until the copy has read it
+
+    def wait() -> list[np.ndarray]:
+        if done is not None:
+            done.synchronize()
+        raw = host.numpy()
+        out, start = [], 0
+        for dtype, shape, n in layout:
+            out.append(raw[start:start + n].view(dtype).reshape(shape))
+            start += n
+        return out
+    return wait
 
 
 def _check(kind: str, t: torch.Tensor) -> str:
@@ -156,9 +170,21 @@ def to_codes_many(batches: Sequence[tuple[str, torch.Tensor]]) -> list[list[labe
     """``[(kind, maps (B, H, W[, 3]))]`` on one device -> per entry the B images' ``labels.Codes``.
     One reduction per entry for the value ranges, one host copy and one synchronisation for all.
     Shapes and values are checked as ``labels.to_codes`` checks them (NaN/Inf raise)."""
+    return to_codes_many_deferred(batches)()
+
+
+def to_codes_many_deferred(batches: Sequence[tuple[str, torch.Tensor]]) -> Callable[[], list[list[labels.Codes]]]:
+    """``to_codes_many`` in two steps (see ``to_host_deferred``): shape errors raise now, value
+    errors (NaN/Inf) when the returned function is called."""
     device_parts = [_device_part(kind, t) for kind, t in batches]
-    host = iter(to_host([p for parts in device_parts for p in parts]))
-    return [_host_part(kind, [next(host) for _ in parts]) for (kind, _), parts in zip(batches, device_parts)]
+    counts = [(kind, len(parts)) for (kind, _), parts in zip(batches, device_parts)]
+    wait = to_host_deferred([p for parts in device_parts for p in parts])
+    del device_parts
+
+    def finish() -> list[list[labels.Codes]]:
+        host = iter(wait())
+        return [_host_part(kind, [next(host) for _ in range(n)]) for kind, n in counts]
+    return finish
 
 
 def to_codes(kind: str, t: torch.Tensor) -> labels.Codes:

@@ -68,6 +68,7 @@ class WorkerConfig:
     batch_size: int = 8           # images per expert call (a bucket's size)
     window: int = 128             # decoded images a partial bucket may wait for more of its shape
     concurrent_experts: bool = False  # each expert on its own thread (and, on CUDA, stream)
+    deferred_handover: bool = True  # queue an expert's next batch before finishing its last one
     warm_up_sizes: tuple = ()     # image sizes whose input shapes each expert runs once at start
     decode_threads: int = 2       # 0: decode in the worker's own thread (one-core workers)
     encode_threads: int = 2       # 0: encode in the worker's own thread
@@ -225,16 +226,39 @@ class _Item:
         return merged
 
 
+class _Deferred:
+    """The result of a batch whose device work is queued: ``result()`` finishes it (once)."""
+
+    def __init__(self, finish):
+        self._finish, self._value = finish, None
+
+    def done(self) -> bool:
+        return self._finish is None
+
+    def result(self):
+        if self._finish is not None:
+            self._value, self._finish = self._finish(), None
+        return self._value
+
+
 class _Lane:
     """Stages 2 and 3 for one expert (shared by the tasks it serves): buckets of equal
     ``batch_key`` (experts without one: a single bucket, source order), each run as one
-    ``predict`` call on the lane's executor — inline, or the expert's own thread."""
+    ``predict`` call on the lane's executor — inline, or the expert's own thread.
 
-    def __init__(self, expert, size: int, executor: cf.Executor):
+    Inline, with an expert that has ``predict_deferred`` (the torch experts), a lane keeps one
+    batch in flight: it queues a batch's device work, then finishes the batch before it (waits
+    for its codes, builds the host objects). The host's part of one batch thus overlaps the
+    device's part of the next, and of the other experts' batches queued behind it, instead of
+    leaving the GPU idle at every hand-over."""
+
+    def __init__(self, expert, size: int, executor: cf.Executor, deferred: bool = True):
         self.expert, self.size, self.executor = expert, size, executor
         self.key = getattr(expert, "batch_key", None)
         self.buckets: dict = {}
         self.seconds = 0.0  # inside predict; with concurrent lanes these overlap in wall time
+        self.deferred = deferred and isinstance(executor, _Inline) and hasattr(expert, "predict_deferred")
+        self.in_flight: _Deferred | None = None
 
     def add(self, item: _Item) -> None:
         key = self.key(tuple(item.sample.image.shape[:2])) if self.key else None
@@ -250,9 +274,42 @@ class _Lane:
             self._run(self.buckets.pop(k))
 
     def _run(self, items: list[_Item]) -> None:
-        fut = self.executor.submit(self._predict, [it.sample.image for it in items], [it.label_hw for it in items])
+        images, sizes = [it.sample.image for it in items], [it.label_hw for it in items]
+        if self.deferred:
+            fut = _Deferred(self._launch(images, sizes))
+            previous, self.in_flight = self.in_flight, fut
+            if previous is not None:
+                previous.result()
+        else:
+            fut = self.executor.submit(self._predict, images, sizes)
         for j, it in enumerate(items):
             it.results[self] = (fut, j)
+
+    def _launch(self, images, sizes):
+        """Queue one batch; returns the function that finishes it. A batch that raises, when
+        queued or when finished, is redone by ``_predict`` (image by image if it still fails)."""
+        t0 = time.perf_counter()
+        try:
+            finish = self.expert.predict_deferred(images, sizes)
+        except Exception:  # noqa: BLE001 - redone synchronously, each failure recorded per image
+            preds = _predict(self.expert, images, sizes)
+            return lambda: preds
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+        def done() -> list[dict | Exception]:
+            t1 = time.perf_counter()
+            try:
+                preds = finish()
+                if len(preds) != len(images):
+                    raise RuntimeError(f"{type(self.expert).__name__}.predict returned {len(preds)} results "
+                                       f"for {len(images)} images")
+                return list(preds)
+            except Exception:  # noqa: BLE001 - as above
+                return _predict(self.expert, images, sizes)
+            finally:
+                self.seconds += time.perf_counter() - t1
+        return done
 
     def _predict(self, images, sizes) -> list[dict | Exception]:
         t0 = time.perf_counter()
@@ -289,7 +346,7 @@ def _lanes(experts: dict, cfg: WorkerConfig):
                      for i, e in enumerate(unique.values())]
     else:
         executors = [_Inline() for _ in unique]
-    lanes = [_Lane(e, cfg.batch_size, x) for e, x in zip(unique.values(), executors)]
+    lanes = [_Lane(e, cfg.batch_size, x, cfg.deferred_handover) for e, x in zip(unique.values(), executors)]
     try:
         yield lanes
     finally:
