@@ -7,7 +7,7 @@
 # PYTHONPATH=/tmp/site). Needs data/sample/ (gitignored: copy it along; rebuilding it needs
 # scikit-image's sample data, which downloads). Writes under $OUT (default bench/gpu-run):
 # results.json (also the partial results if the run is cut short), log.txt, profile.txt, env.txt.
-# The run stops itself after $LIMIT seconds (default 540).
+# The run stops itself after $LIMIT seconds (default 540). Arguments choose benchmarks (default all: G1 G2 G3 G4).
 set -u
 OUT=${OUT:-bench/gpu-run}
 LIMIT=${LIMIT:-540}
@@ -43,7 +43,7 @@ if [ ! -f "$BENCH_SAMPLE/00000.tar" ]; then
   exit 2
 fi
 
-timeout --signal=INT --kill-after=20 "$LIMIT" "$PY" -m bench.run --device cuda 2>&1 | tee "$OUT/log.txt"
+timeout --signal=INT --kill-after=20 "$LIMIT" "$PY" -m bench.run --device cuda "$@" 2>&1 | tee "$OUT/log.txt"
 rc=${PIPESTATUS[0]}
 echo "exit code $rc" | tee -a "$OUT/log.txt"
 exit "$rc"
