@@ -374,7 +374,7 @@ def test_dry_run_reports_complete_and_damaged_shards(smoke_labels, sample_dir, t
     assert main(argv) == 0
     assert "dry run sample: 2 shards, 2 complete, 0 would run" in capsys.readouterr().out
 
-    stats_path(out, "00001").unlink()
+    Path(stats_path(out, "00001")).unlink()
     seg = out / "seg" / "00000.tar"
     data = bytearray(seg.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -384,24 +384,3 @@ def test_dry_run_reports_complete_and_damaged_shards(smoke_labels, sample_dir, t
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == ["  00000  would run (seg tar checksum differs)", "  00001  would run (no marker)"]
     assert _tree(out) == before  # nothing written, nothing removed
-
-
-def test_object_store_output_is_refused_until_wired(capsys):
-    from pipeline.__main__ import main
-
-    assert main(["--shards", "sample", "--out", "s3://key:secret@my-bucket/labels", "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --out s3://my-bucket/labels: object-store output is not supported yet")
-    assert "secret" not in err
-
-
-def test_object_store_shards_are_refused_until_wired(tmp_path, monkeypatch, capsys):
-    from pipeline.__main__ import main
-
-    manifest = tmp_path / "bucket.yaml"
-    manifest.write_text("name: bucket\nroot: data/none\nroot_env: CLIPTEX_TEST_ROOT\n"
-                        "shards: \"{00000..00001}.tar\"\noutput: data/labels/none\n")
-    monkeypatch.setenv("CLIPTEX_TEST_ROOT", "s3://my-bucket/cc3m")
-    assert main(["--shards", str(manifest), "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {manifest}: root s3://my-bucket/cc3m is an object-store URL")

@@ -1,6 +1,7 @@
 """make sample determinism and layout, manifest errors (one line, exit 2), the img2dataset command."""
 import inspect
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -47,14 +48,15 @@ def test_sample_manifest_resolves(monkeypatch, sample_dir):
     if not link.exists():
         link.symlink_to(sample_dir)
     s = load_manifest("sample")
-    assert [p.name for p in s.shards] == ["00000.tar", "00001.tar"] and s.expected_samples == 16
+    assert s.shards == ("data/sample/00000.tar", "data/sample/00001.tar") and s.expected_samples == 16
+    assert s.sizes == {p: os.path.getsize(p) for p in s.shards}  # from the one listing
 
 
 def test_cc3m_root_from_environment(tmp_path, monkeypatch):
     (tmp_path / "00007.tar").write_bytes(b"")
     monkeypatch.setenv("CC3M_ROOT", str(tmp_path))
     s = load_manifest("cc3m")
-    assert s.shard_names == ["00007"] and s.root == tmp_path
+    assert s.shard_names == ["00007"] and s.root == str(tmp_path)
 
 
 @pytest.mark.parametrize("text,message", [
