@@ -435,11 +435,11 @@ def test_s3_lock_is_exclusive_renewed_and_taken_over_when_stale(s3_server, s3_bu
 
     # a holder that stopped renewing (killed): its lock is taken over once stale, and its own
     # release then leaves the new holder's lock alone
-    old = contextlib.ExitStack()
-    old.enter_context(storage.exclusive(lock, {"job": "killed"}, renew_seconds=3600))
-    with storage.exclusive(lock, {"job": "new"}, lease_seconds=0):
-        old.close()
-        assert json.loads(storage.read_bytes(lock))["job"] == "new"
+    with contextlib.ExitStack() as old:
+        old.enter_context(storage.exclusive(lock, {"job": "killed"}, renew_seconds=3600))
+        with storage.exclusive(lock, {"job": "new"}, lease_seconds=0):
+            old.close()
+            assert json.loads(storage.read_bytes(lock))["job"] == "new"
     assert _keys(s3_server, s3_bucket) == []
 
     # two processes taking over the same stale lock: the write is conditional on the ETag both
