@@ -101,6 +101,8 @@ def test_job_from_bucket_to_bucket_survives_a_killed_worker_and_resumes_byte_ide
         time.sleep(1.0)
         victim = int(spools()[0].name.split("-")[1])
         assert f"{prefix}/_stats/00000.json" not in bucket.keys(), "shard finished before the kill; test is void"
+        # its tars are being written, and none is visible under its final key
+        assert [k for k in bucket.keys() if k.endswith("/00000.tar") and k.startswith(prefix)] == []
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
