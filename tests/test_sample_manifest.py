@@ -110,3 +110,14 @@ def test_download_adds_the_tsv_header(tmp_path, monkeypatch):
     headed = tmp_path / "cc3m" / "Train_GCC-training.with_header.tsv"
     assert headed.read_text().splitlines() == ["caption\turl", "a dog on a beach\thttp://example.invalid/1.jpg"]
     assert download.main(["--tsv", str(tmp_path / "missing.tsv"), "--dry-run"]) == 2
+
+
+def test_download_to_a_bucket_keeps_the_headed_tsv_local(tmp_path, monkeypatch, capsys):
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text("a dog on a beach\thttp://example.invalid/1.jpg\n")
+    monkeypatch.setenv("CC3M_ROOT", "s3://my-bucket/cc3m")
+    assert download.main(["--tsv", str(tsv), "--dry-run"]) == 0  # prints the command, contacts nothing
+    cmd = capsys.readouterr().out.split()
+    assert "--output_folder=s3://my-bucket/cc3m" in cmd  # img2dataset writes the shards there (fsspec)
+    assert f"--url_list={tmp_path / 'Train_GCC-training.with_header.tsv'}" in cmd
+    assert (tmp_path / "Train_GCC-training.with_header.tsv").is_file()
