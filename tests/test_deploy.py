@@ -332,6 +332,40 @@ def test_documented_multinode_command_parses():
         parse_args(run.training_script_args)
 
 
+def test_running_at_scale_commands_parse():
+    """docs/SCALE.md's job and training commands (after any VAR=value prefix, or a `ray job submit
+    … --` wrapper) are accepted by the CLIs they call, and use buckets."""
+    from torch.distributed.run import get_args_parser
+
+    from pipeline import storage
+    from pipeline.__main__ import parser
+    from trainer.train import parse_args
+
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "docs" / "SCALE.md").read_text(), re.S)
+    commands = []
+    for line in re.sub(r"\\\n\s*", " ", "\n".join(blocks)).splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        words = shlex.split(line.split("  #")[0])
+        if "--" in words:  # ray job submit … -- python -m pipeline …
+            words = words[words.index("--") + 1:]
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+            words = words[1:]
+        if words[:2] == ["python", "-m"] and words[2] in ("pipeline", "torch.distributed.run"):
+            commands.append(words)
+    jobs = [c for c in commands if c[2] == "pipeline"]
+    trains = [c for c in commands if c[2] == "torch.distributed.run"]
+    assert len(jobs) >= 2 and trains, commands
+    for cmd in jobs:
+        args = parser().parse_args(cmd[3:])
+        assert storage.scheme(args.out) == "s3"
+    for cmd in trains:
+        run = get_args_parser().parse_args(cmd[3:])
+        assert run.rdzv_backend == "c10d" and run.training_script == "trainer.train"
+        train = parse_args(run.training_script_args)
+        assert storage.scheme(train.labels) == storage.scheme(train.run_dir) == "s3"
+
+
 # ----------------------------------------------------------------------------------------------
 # python -m pipeline --dry-run
 
