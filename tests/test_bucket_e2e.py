@@ -88,7 +88,7 @@ def _label_tars(bucket: Bucket, prefix: str) -> dict[str, bytes]:
 @pytest.mark.timeout(420)
 def test_job_from_bucket_to_bucket_survives_a_killed_worker_and_resumes_byte_identical(
         bucket, smoke_labels, tmp_path):
-    out, prefix = f"{bucket.url}/labels", "labels"
+    out, prefix = f"{bucket.url}/job-labels", "job-labels"
     scratch = tmp_path / "scratch"
     env = _env(scratch)
     proc = subprocess.Popen(_job(bucket, out, "--sample-delay", "0.3"), cwd=REPO, env=env,
@@ -251,7 +251,7 @@ def test_rayjob_entrypoint_plans_against_the_bucket(bucket, monkeypatch, capsys)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == ["  00000  would run (no marker)", "  00001  would run (no marker)"]
     assert lines[2].startswith(f"dry run cc3m: 2 shards, 0 complete, 2 would run -> {bucket.url}/labels/cc3m ")
-    assert not ray.is_initialized() and bucket.keys("labels/") == []
+    assert not ray.is_initialized() and bucket.keys("labels/cc3m/") == []
 
 
 @pytest.mark.timeout(120)
