@@ -573,12 +573,15 @@ class _Lease:
     def acquire(self) -> None:
         import time
 
+        shown = redact(self.location)
         try:
             self._put(mode="create")
             return
         except FileExistsError:
             pass
-        shown = redact(self.location)
+        except TypeError as e:  # a backend whose pipe_file predates fsspec's mode="create"
+            raise StorageError(f"{shown}: the {scheme(self.location)}:// backend cannot create an object only if "
+                               f"absent (fsspec pipe_file mode='create'); update it") from e
         info, holder = {}, {}
         with contextlib.suppress(Exception):  # noqa: BLE001 - the message is informative either way
             info = self.fs.info(self.path)
