@@ -33,7 +33,7 @@ Members keep the source keys in source order. A sample that cannot be labelled (
 image, expert or encoder failure) gets no member in any tree; it is listed in the marker's
 ``skips`` with its source index, key and reason. The marker's books (``pipeline.shards.SampleLedger``)
 count samples, not members: samples = ok + skipped for every shard. A shard is *complete* when its marker exists and
-the tars it names have the recorded sha256 (``pipeline.job`` checks that before skipping it).
+the tars it names have the recorded sha256 (``pipeline.plan`` checks that before skipping it).
 
 ``ShardWorker`` is the thin Ray actor around it: it loads the experts once and processes one
 shard per call.
@@ -562,7 +562,7 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 
 
 
 class ShardWorker:
-    """Ray actor body (``pipeline.job`` wraps it with ``ray.remote``): experts load once."""
+    """Ray actor body (``pipeline.pool`` wraps it with ``ray.remote``): experts load once."""
 
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
