@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import labels
 from pipeline.coco import COCO_CLASSES, VOC_IN_COCO, class_name, palette
-from pipeline.job import MANIFEST_JSON
+from pipeline.outputs import MANIFEST_JSON
 
 
 def collect(shards, label_root: Path, n: int) -> list[dict]:

@@ -253,7 +253,7 @@ def test_expert_error_skips_only_that_image(sample_dir, null_experts, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_plan_redoes_only_shards_without_an_intact_output(sample_dir, null_experts, tmp_path):
-    from pipeline.job import plan
+    from pipeline.plan import plan
 
     shards = sorted(sample_dir.glob("*.tar"))
     cfg = _cfg(fingerprint="fp1")
@@ -323,7 +323,7 @@ REDO = {
 def test_resume_redoes_a_shard_for_each_reason(case, completed_shard, tmp_path):
     import shutil
 
-    from pipeline.job import check_complete, plan
+    from pipeline.plan import check_complete, plan
 
     src = tmp_path / "src" / completed_shard[0].name
     src.parent.mkdir()
