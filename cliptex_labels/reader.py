@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import BinaryIO, Iterator, Mapping, Sequence
 
 from . import format as F
 from .tars import SKIP_REASONS, LabelTar, Record, Skip, iter_records
@@ -66,10 +66,11 @@ class JoinReport:
                 "extra": {t: len(k) for t, k in self.extra.items()}, "damage": list(self.damage)}
 
 
-def join_shard(source: str | os.PathLike, label_tars: Mapping[str, str | os.PathLike],
+def join_shard(source: str | os.PathLike | BinaryIO, label_tars: Mapping[str, str | os.PathLike],
                kinds: Mapping[str, Sequence[str]] | None = None, *, report: JoinReport | None = None,
                max_member_bytes: int | None = None) -> Iterator[Joined | Skip]:
-    """Join one source shard with label tars ``{task: path}`` by key, strictly.
+    """Join one source shard (a path, or a binary stream read once) with label tars
+    ``{task: path}`` (local files: they are read by member offset) by key, strictly.
 
     ``kinds[task]``: the kinds required from that tree (default: every kind the tree's tar holds, e.g.
     ``normal`` and ``normal_conf``). Yields in source order a ``Joined`` for every

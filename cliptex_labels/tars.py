@@ -14,7 +14,7 @@ import os
 import tarfile
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 from .format import KINDS, LabelFormatError, split_member_name, split_name
 
@@ -93,17 +93,22 @@ class _Group:
         return Skip(self.key, *self.problem) if self.problem else Record(self.key, self.members)
 
 
-def iter_records(path: str | os.PathLike, max_member_bytes: int | None = None) -> Iterator[Record | Skip]:
-    """One ``Record`` or one ``Skip`` per sample of a source shard, in tar order. A sample is a run
-    of consecutive members sharing a key (webdataset's grouping, ``format.split_name``). Damage ends
-    the walk: the sample being read then is skipped (``incomplete_sample``: more of its members may
-    have followed), and a ``Skip`` with key None says what happened to the shard."""
+def iter_records(source: str | os.PathLike | BinaryIO, max_member_bytes: int | None = None
+                 ) -> Iterator[Record | Skip]:
+    """One ``Record`` or one ``Skip`` per sample of a source shard, in tar order. ``source``: a
+    path, or a binary stream read once from start to end (e.g. an object-store file; it is not
+    closed here). A sample is a run of consecutive members sharing a key (webdataset's grouping,
+    ``format.split_name``). Damage ends the walk: the sample being read then is skipped
+    (``incomplete_sample``: more of its members may have followed), and a ``Skip`` with key None
+    says what happened to the shard."""
     max_member_bytes = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
     seen: set[str] = set()
     group: _Group | None = None
     n_members = 0
+    stream = hasattr(source, "read")
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with tarfile.open(fileobj=source if stream else None, name=None if stream else source,
+                          mode="r|*") as tar:
             for info in tar:
                 n_members += 1
                 key, ext = split_name(info.name)

@@ -2,11 +2,12 @@
 
     python -m pipeline --shards sample --profile smoke [--out data/labels/sample]
     RAY_ADDRESS=ray://head:10001 python -m pipeline --shards cc3m       # an existing cluster
+    python -m pipeline --shards 's3://bucket/cc3m/{00000..00331}.tar' --out s3://bucket/labels/cc3m
     python -m pipeline --shards cc3m --dry-run     # the plan only: no Ray, nothing written
 
 Reruns resume: only shards without a complete, checksum-verified output are processed.
-Exit codes: 0 done; 1 shards failed after retries; 2 bad manifest / missing weights / settings;
-130 interrupted (rerun the same command to resume).
+Exit codes: 0 done; 1 shards failed after retries; 2 bad manifest / unreadable source or
+unwritable output / missing weights / settings; 130 interrupted (rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from pipeline import labels
 
@@ -67,9 +67,12 @@ def _options(pairs: list[str]) -> dict:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--shards", default="sample", help="manifest name (manifests/<name>.yaml) or a .yaml path")
+    ap.add_argument("--shards", default="sample", help="manifest name (manifests/<name>.yaml), a .yaml path, "
+                    "or the shards themselves: a folder / prefix of .tar shards or a brace pattern, local or "
+                    "a URL (s3://bucket/cc3m/{00000..00331}.tar)")
     ap.add_argument("--profile", default="default", help="experts profile: default | smoke | random (full-size, random weights) | null")
-    ap.add_argument("--out", default=None, help="label output root (default: the manifest's output)")
+    ap.add_argument("--out", default=None, help="label output root, a folder or a URL such as s3://bucket/labels "
+                    "(default: the manifest's output)")
     ap.add_argument("--tasks", default=",".join(labels.TASKS), help="comma-separated task trees")
     ap.add_argument("--label-scale", type=float, default=0.5,
                     help="label side / image side (recorded per member as image_size)")
@@ -131,17 +134,18 @@ def main(argv=None) -> int:
     from expert_wrappers.base import MissingDependencyError, MissingWeightsError
     from pipeline import storage
     from pipeline.job import JobConfigError, JobError, JobSpec, dry_run, run
-    from pipeline.manifest import ManifestError, load_manifest
+    from pipeline.manifest import ManifestError, shard_set as find_shards
     from pipeline.sizes import cc3m_like_sizes
     from pipeline.worker import WorkerConfig
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm) if in_main else None
     try:
-        if args.out and not storage.is_local(args.out):  # until the job writes through pipeline.storage
-            raise ValueError(f"--out {storage.redact(args.out)}: object-store output is not supported yet "
-                             f"(docs/STORAGE.md); use a path on a shared filesystem")
-        shard_set = load_manifest(args.shards)
+        shard_set = find_shards(args.shards)
+        out = args.out or shard_set.output
+        if out is None:
+            raise ValueError(f"--out is needed: {storage.redact(args.shards)} names shards, not a manifest "
+                             f"with an output")
         tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         unknown = [t for t in tasks if t not in labels.TASKS]
         if unknown:
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
                            batch_size=args.batch_size, decode_threads=args.decode_threads,
                            encode_threads=args.encode_threads, torch_threads=args.threads_per_worker,
                            sample_delay=args.sample_delay)
-        spec = JobSpec(shard_set=shard_set, out=Path(storage.normalize(args.out)) if args.out else shard_set.output,
+        spec = JobSpec(shard_set=shard_set, out=out,
                        worker=cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                        cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address,
                        verify=args.verify, max_attempts=args.max_attempts,
@@ -164,7 +168,8 @@ def main(argv=None) -> int:
             _print_plan(dry_run(spec), shard_set.name)
             return 0
         summary = run(spec)
-    except (ManifestError, MissingWeightsError, MissingDependencyError, JobConfigError, ValueError) as e:
+    except (ManifestError, storage.StorageError, MissingWeightsError, MissingDependencyError, JobConfigError,
+            ValueError) as e:
         print("error: " + "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()),
               file=sys.stderr)
         return 2

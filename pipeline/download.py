@@ -1,6 +1,7 @@
 """``make download SHARDS=cc3m TSV=...``: fetch CC3M with img2dataset, the standard tool.
 
-Needs internet (a user's cluster, not our machines). The TSV is Google's
+Needs internet (a user's cluster, not our machines). The manifest's root (``CC3M_ROOT``) may be a
+bucket URL: img2dataset then writes the shards straight there. The TSV is Google's
 ``Train_GCC-training.tsv`` (caption<TAB>url, no header); we add the header img2dataset expects.
 
     python -m pipeline.download --shards cc3m --tsv Train_GCC-training.tsv [--processes 16] [--dry-run]
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.manifest import ManifestError, load_manifest
 
 # img2dataset's documented CC3M recipe; 512 px keeps the paper's base training resolution reachable.
@@ -73,9 +75,11 @@ def main(argv=None) -> int:
     if not tsv.is_file():
         print(f"error: TSV {tsv} not found (pass TSV=path/to/Train_GCC-training.tsv)", file=sys.stderr)
         return 2
-    shard_set.root.mkdir(parents=True, exist_ok=True)
-    cmd = build_command(str(with_header(tsv, shard_set.root)), str(shard_set.root),
-                        processes_count=args.processes)
+    # img2dataset writes to a folder or straight to a bucket (fsspec: s3://, gs://); the TSV with
+    # its header stays local, in the output folder or next to the TSV
+    storage.makedirs(shard_set.root)
+    headed = with_header(tsv, Path(shard_set.root) if storage.is_local(shard_set.root) else tsv.parent)
+    cmd = build_command(str(headed), shard_set.root, processes_count=args.processes)
     print(shlex.join(cmd))
     if args.dry_run:
         return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cliptex_labels import LabelTar
-from pipeline import labels
+from pipeline import labels, storage
 from pipeline.coco import palette
 from pipeline.storage import write_bytes_atomic, write_json_atomic
 
@@ -154,7 +154,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default=None, help="comma-separated trees (default: every tree present)")
     args = ap.parse_args(argv)
     try:
-        root = Path(args.labels) if args.labels else load_manifest(args.shards, require_shards=False).output
+        root = args.labels or load_manifest(args.shards, require_shards=False).output
+        if not storage.is_local(root):
+            raise ValueError(f"{storage.redact(root)}: the PNG export reads a local label tree; copy it first "
+                             f"(e.g. `aws s3 sync`)")
         tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
         summary = export_png(root, args.out, tasks)
     except (ManifestError, FileNotFoundError, ValueError) as e:

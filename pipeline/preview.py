@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import labels
 from pipeline.coco import COCO_CLASSES, VOC_IN_COCO, class_name, palette
-from pipeline.job import MANIFEST_JSON
+from pipeline.outputs import MANIFEST_JSON
 
 
 def collect(shards, label_root: Path, n: int) -> list[dict]:
@@ -131,6 +131,7 @@ def class_frequency(manifest: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
+    from pipeline import storage
     from pipeline.manifest import ManifestError, load_manifest
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,10 +142,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         shard_set = load_manifest(args.shards)
-    except ManifestError as e:
+    except (ManifestError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    root = Path(args.labels) if args.labels else shard_set.output
+    root_text = args.labels or shard_set.output
+    if not storage.is_local(root_text) or not all(storage.is_local(p) for p in shard_set.shards):
+        print(f"error: the preview reads local shards and label trees; copy {storage.redact(root_text)} "
+              f"(e.g. `aws s3 sync`) and the shards it names first", file=sys.stderr)
+        return 2
+    root = Path(storage.normalize(root_text))
     mpath = root / MANIFEST_JSON
     if not mpath.is_file():
         print(f"error: no {mpath}; run `make pseudolabel SHARDS={shard_set.name}` first "

@@ -22,6 +22,7 @@ from cliptex_labels.images import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, NEAR_CONSTANT
                                    decode_image, decode_record, open_image)
 from cliptex_labels.tars import (MAX_MEMBER_BYTES, SHARD_DAMAGE, SKIP_REASONS, Record, Skip,  # noqa: F401
                                  is_unsafe_name, iter_records)
+from pipeline import storage
 from pipeline.storage import tarinfo
 
 # Reasons the labelling adds to the reader's SKIP_REASONS.
@@ -31,9 +32,11 @@ LABELLING_SKIP_REASONS = {
 }
 
 
-def iter_samples(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sample | Skip]:
-    for item in iter_records(path):
-        yield item if isinstance(item, Skip) else decode_record(item, max_pixels)
+def iter_samples(location: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sample | Skip]:
+    """Decoded samples (or skips) of a source shard at a local path or URL, streamed."""
+    with storage.open_read(location) as f:
+        for item in iter_records(f):
+            yield item if isinstance(item, Skip) else decode_record(item, max_pixels)
 
 
 def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:

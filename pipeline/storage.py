@@ -92,7 +92,8 @@ def redact(location: str | os.PathLike) -> str:
 def normalize(location: str | os.PathLike) -> str:
     """One spelling per location: ``file://`` and ``~`` resolved to a local path, ``gcs://`` and
     ``s3a://`` to ``gs://`` / ``s3://``, duplicate and trailing slashes removed. A ``..`` segment
-    in a URL is refused: object stores would take it literally."""
+    in a URL is refused (object stores would take it literally), and so is a ``user:password@``
+    part (credentials come from the standard places only; the message never shows them)."""
     text = os.fspath(location)
     if not text:
         raise ValueError("empty location")
@@ -101,6 +102,9 @@ def normalize(location: str | os.PathLike) -> str:
         m = _SCHEME.match(text)
         local = text[m.end():] if m else text  # file:///x -> /x
         return os.path.normpath(os.path.expanduser(local))
+    if _USERINFO.match(text):
+        raise ValueError(f"{redact(text)}: credentials in a URL are not used; they come from the environment, "
+                         f"a profile or an instance role (docs/STORAGE.md)")
     rest = text[_SCHEME.match(text).end():]
     parts = [p for p in rest.split("/") if p]
     if not parts:
@@ -119,6 +123,17 @@ def join(base: str | os.PathLike, *names: str) -> str:
     if is_local(base):
         return os.path.join(base, *names)
     return posixpath.join(base, *names)
+
+
+def basename(location: str | os.PathLike) -> str:
+    """The last name of a location (``s3://b/cc3m/00000.tar`` -> ``00000.tar``)."""
+    location = normalize(location)
+    return os.path.basename(location) if is_local(location) else posixpath.basename(location)
+
+
+def stem(location: str | os.PathLike) -> str:
+    """The last name without its extension (``00000.tar`` -> ``00000``): a shard's name."""
+    return os.path.splitext(basename(location))[0]
 
 
 def parent(location: str) -> str:
@@ -268,6 +283,52 @@ def glob(pattern: str | os.PathLike) -> list[str]:
 # writing
 
 
+SCRATCH_ENV = "CLIPTEX_SCRATCH"
+# local spool files and copies of remote files: "cliptex-<pid>-…", so a later process can tell
+# which ones a dead process left behind
+_SPOOL = re.compile(r"^cliptex-(\d+)-")
+
+
+def scratch_dir() -> str:
+    """The local folder for spooled uploads and local copies of remote files: ``$CLIPTEX_SCRATCH``,
+    else the system's temporary folder (``$TMPDIR``). Give it room for one shard's label tars per
+    worker (job) and one shard's label tars per DataLoader worker (trainer)."""
+    folder = os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _spool_file(name: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"cliptex-{os.getpid()}-", suffix=f"-{name}", dir=scratch_dir())
+    os.close(fd)
+    return path
+
+
+def remove_dead_spools() -> list[str]:
+    """Remove the scratch files of processes that no longer exist (a killed worker's spooled
+    tars); returns what was removed. Files of live processes are left alone."""
+    removed = []
+    folder = scratch_dir()
+    for name in os.listdir(folder):
+        m = _SPOOL.match(name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _fsync_dir(folder: str) -> None:
     """Make a rename durable: fsync the folder that holds the new name."""
     with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened / fsynced
@@ -280,43 +341,78 @@ def _fsync_dir(folder: str) -> None:
 
 def local_tmp_name(path: str) -> str:
     """The temporary sibling a local atomic write uses: ``.<name>.tmp<pid>`` (a rerun finds and
-    removes what a killed writer left with ``.<name>.tmp*``)."""
+    removes what a killed writer left with ``remove_stale_tmp``)."""
     folder, name = os.path.split(path)
     return os.path.join(folder, f".{name}.tmp{os.getpid()}")
 
 
+def remove_stale_tmp(location: str | os.PathLike) -> None:
+    """Temporary siblings a killed writer left next to ``location`` (never visible under a final
+    name). Object stores have none: their writers spool in the scratch folder."""
+    location = normalize(location)
+    if not is_local(location):
+        return
+    folder, name = os.path.split(location)
+    for p in globmod.glob(os.path.join(globmod.escape(folder or "."), f".{globmod.escape(name)}.tmp*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def _publish(tmp: str, location: str) -> None:
+    """A complete local file ``tmp`` becomes ``location``, whole: locally a fsync and a rename
+    (made durable), on an object store one upload (an object appears only once its whole body is
+    in, module doc). ``tmp`` is gone afterwards."""
+    if is_local(location):
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, location)
+        _fsync_dir(os.path.dirname(location) or ".")
+        return
+    fs, path = filesystem(location)
+    try:
+        fs.put_file(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _tmp_for(location: str) -> str:
+    """Where a write to ``location`` goes first: the local temporary sibling, or a spool file in
+    the scratch folder for an object store."""
+    if is_local(location):
+        os.makedirs(os.path.dirname(location) or ".", exist_ok=True)
+        return local_tmp_name(location)
+    return _spool_file(basename(location))
+
+
 @contextlib.contextmanager
-def open_write_atomic(location: str) -> Iterator[BinaryIO]:
+def atomic_path(location: str | os.PathLike) -> Iterator[str]:
+    """For code that writes a file by name (a downloader, ``tarfile``): yields a local file name;
+    on a normal exit that file becomes ``location`` whole (rename or upload), on an exception it is
+    removed and ``location`` is untouched."""
+    location = normalize(location)
+    tmp = _tmp_for(location)
+    try:
+        yield tmp
+        _publish(tmp, location)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def open_write_atomic(location: str | os.PathLike) -> Iterator[BinaryIO]:
     """Write a file / object through a binary file object. On a normal exit the content appears
     whole under ``location``; on an exception (or a killed process) nothing changes there.
 
-    Local: a temporary sibling, fsync, rename, fsync of the folder. Object store: a local spool
-    file, uploaded on success (one PUT, or a multipart upload completed only after its last part).
-    """
-    location = normalize(location)
-    if is_local(location):
-        folder = os.path.dirname(location) or "."
-        os.makedirs(folder, exist_ok=True)
-        tmp = local_tmp_name(location)
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, location)
-            _fsync_dir(folder)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return
-    fs, path = filesystem(location)
-    with tempfile.NamedTemporaryFile(prefix="cliptex-upload-", suffix=".part") as spool:
-        yield spool
-        spool.flush()
-        fs.put_file(spool.name, path)
+    Local: a temporary sibling, fsync, rename, fsync of the folder. Object store: a spool file in
+    the scratch folder, uploaded on success (one PUT, or a multipart upload completed only after
+    its last part)."""
+    with atomic_path(location) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
-def write_bytes_atomic(location: str, data: bytes) -> None:
+def write_bytes_atomic(location: str | os.PathLike, data: bytes) -> None:
     """``data`` under ``location``, all or nothing (see ``open_write_atomic``)."""
     location = normalize(location)
     if is_local(location):
@@ -331,11 +427,44 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def write_json_atomic(location: str, obj) -> None:
+def write_json_atomic(location: str | os.PathLike, obj) -> None:
     write_bytes_atomic(location, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def remove(location: str, missing_ok: bool = True) -> None:
+def write_text_atomic(location: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(location, text.encode())
+
+
+def upload(local_file: str | os.PathLike, location: str | os.PathLike) -> None:
+    """A copy of the local file ``local_file`` under ``location``, all or nothing (the file is kept)."""
+    location = normalize(location)
+    if is_local(location) and os.path.abspath(location) == os.path.abspath(local_file):
+        return
+    with open(local_file, "rb") as src, open_write_atomic(location) as dst:
+        for chunk in iter(lambda: src.read(8 * CHUNK), b""):
+            dst.write(chunk)
+
+
+@contextlib.contextmanager
+def local_copy(location: str | os.PathLike) -> Iterator[str]:
+    """A local file name with the content of ``location``: the file itself when it is local, else
+    a copy in the scratch folder, removed when the block ends (for readers that need a real file,
+    e.g. ``pread`` on a label tar's members)."""
+    location = normalize(location)
+    if is_local(location):
+        yield location
+        return
+    fs, path = filesystem(location)
+    tmp = _spool_file(basename(location))
+    try:
+        fs.get_file(path, tmp)
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def remove(location: str | os.PathLike, missing_ok: bool = True) -> None:
     location = normalize(location)
     try:
         if is_local(location):
@@ -348,6 +477,176 @@ def remove(location: str, missing_ok: bool = True) -> None:
     except FileNotFoundError:
         if not missing_ok:
             raise
+
+
+def makedirs(location: str | os.PathLike) -> None:
+    """A local folder (and its parents); nothing for an object store, where prefixes need none."""
+    location = normalize(location)
+    if is_local(location):
+        os.makedirs(location, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# an exclusive lock on an output location
+
+
+class LockHeld(StorageError):
+    """Another process holds the lock. ``holder``: what it recorded (host, pid, start time), if
+    readable."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+# a lock object on a bucket is a lease: its holder rewrites it every RENEW_SECONDS; one not
+# rewritten for LEASE_SECONDS belongs to a holder that is gone (a killed driver) and is taken over
+LEASE_SECONDS = 600.0
+RENEW_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def exclusive(location: str | os.PathLike, owner: dict | None = None, *,
+              lease_seconds: float = LEASE_SECONDS, renew_seconds: float = RENEW_SECONDS) -> Iterator[None]:
+    """Hold the lock ``location`` for the duration of the block, or raise ``LockHeld`` at once.
+
+    Local: ``flock`` on that file (the OS releases it when the holder dies). Object store: an
+    object created with a conditional write (S3 ``If-None-Match: *``; fsspec's ``mode="create"``),
+    so of two processes creating it exactly one succeeds. It holds ``owner`` (host, pid, start
+    time), is rewritten every ``renew_seconds`` while held, and is removed at the end. On S3, a lock
+    object not rewritten for ``lease_seconds`` (its holder was killed) is taken over with a write
+    conditional on its ETag (``If-Match``), so of two processes taking it over one succeeds; on
+    other stores such a lock must be removed by hand (the message names it)."""
+    import fcntl
+    import socket
+    import time
+
+    location = normalize(location)
+    shown = redact(location)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(),
+             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(owner or {})}
+    if is_local(location):
+        os.makedirs(os.path.dirname(location) or ".", exist_ok=True)
+        with open(location, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = _parse_owner(f.read())
+                raise LockHeld(f"{shown} is held by {_describe_owner(holder)}", holder) from None
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(owner) + "\n")
+            f.flush()
+            yield
+        return
+    lease = _Lease(location, owner, lease_seconds)
+    lease.acquire()
+    renewer = _Renewer(lease, renew_seconds)
+    try:
+        yield
+    finally:
+        renewer.stop()
+        lease.release()
+
+
+class _Lease:
+    """The lock object of ``exclusive`` on an object store."""
+
+    def __init__(self, location: str, owner: dict, lease_seconds: float):
+        self.location, self.owner, self.lease_seconds = location, owner, lease_seconds
+        self.fs, self.path = filesystem(location)
+        self.s3 = scheme(location) == "s3"
+        self.etag: str | None = None
+        self.lost = False
+
+    def _body(self) -> bytes:
+        import time
+
+        return (json.dumps({**self.owner, "renewed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                + "\n").encode()
+
+    def _put(self, **condition) -> None:
+        out = self.fs.pipe_file(self.path, self._body(), **condition)
+        self.etag = out.get("ETag") if isinstance(out, dict) else None
+
+    def acquire(self) -> None:
+        import time
+
+        shown = redact(self.location)
+        try:
+            self._put(mode="create")
+            return
+        except FileExistsError:
+            pass
+        except TypeError as e:  # a backend whose pipe_file predates fsspec's mode="create"
+            raise StorageError(f"{shown}: the {scheme(self.location)}:// backend cannot create an object only if "
+                               f"absent (fsspec pipe_file mode='create'); update it") from e
+        info, holder = {}, {}
+        with contextlib.suppress(Exception):  # noqa: BLE001 - the message is informative either way
+            info = self.fs.info(self.path)
+            holder = _parse_owner(read_bytes(self.location).decode())
+        modified = info.get("LastModified")
+        age = time.time() - modified.timestamp() if hasattr(modified, "timestamp") else None
+        if self.s3 and age is not None and age >= self.lease_seconds and info.get("ETag"):
+            try:  # the holder stopped renewing: take over, unless another process did first
+                self._put(IfMatch=info["ETag"])
+                return
+            except (FileExistsError, FileNotFoundError, OSError):
+                pass
+        how = (f"it is taken over once not renewed for {self.lease_seconds:.0f} s" if self.s3 else
+               f"if that process is gone, remove {shown} and rerun")
+        raise LockHeld(f"{shown} is held by {_describe_owner(holder)} ({how})", holder)
+
+    def renew(self) -> None:
+        if self.lost:
+            return
+        try:
+            self._put(**({"IfMatch": self.etag} if self.s3 and self.etag else {}))
+        except (FileExistsError, FileNotFoundError, OSError):
+            self.lost = True  # taken over after we failed to renew in time: leave it to its new holder
+
+    def release(self) -> None:
+        if self.lost:
+            return
+        with contextlib.suppress(Exception):  # noqa: BLE001 - the lock is only ours if its ETag is
+            if self.s3 and self.etag and self.fs.info(self.path).get("ETag") != self.etag:
+                return
+            remove(self.location)
+
+
+class _Renewer:
+    """A daemon thread renewing a lease every ``seconds`` until stopped."""
+
+    def __init__(self, lease: _Lease, seconds: float):
+        import threading
+
+        self.lease, self.seconds = lease, seconds
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="cliptex-lock-renewer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.seconds):
+            self.lease.renew()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def _parse_owner(text: str) -> dict:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _describe_owner(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +670,12 @@ def _why(e: BaseException) -> str:
     return f"{kind}: {detail}" if detail and detail.lower() != kind else kind
 
 
-def check_readable(location: str) -> None:
+def error(verb: str, location: str | os.PathLike, e: BaseException) -> StorageError:
+    """A ``StorageError`` for a failed I/O call: ``cannot <verb> <location>: <why>`` on one line."""
+    return StorageError(f"cannot {verb} {redact(location)}: {_why(e)}")
+
+
+def check_readable(location: str | os.PathLike) -> None:
     """Raise StorageError unless ``location`` (a file, a folder / prefix, or a bucket) can be read:
     the bucket exists, credentials work, listing or reading is allowed, and something is there."""
     shown = redact(location)
@@ -393,10 +697,10 @@ def check_readable(location: str) -> None:
     except StorageError:
         raise
     except Exception as e:  # noqa: BLE001 - every backend failure becomes one clear line
-        raise StorageError(f"cannot read {shown}: {_why(e)}") from e
+        raise error("read", shown, e) from e
 
 
-def check_writable(location: str) -> None:
+def check_writable(location: str | os.PathLike) -> None:
     """Raise StorageError unless objects can be created and deleted under the folder / prefix
     ``location``: writes and removes one small probe object there (a local folder is created)."""
     shown = redact(location)
@@ -412,7 +716,7 @@ def check_writable(location: str) -> None:
         raise
     except Exception as e:  # noqa: BLE001
         what = "delete in" if probe is not None and _exists_quietly(probe) else "write to"
-        raise StorageError(f"cannot {what} {shown}: {_why(e)}") from e
+        raise error(what, shown, e) from e
 
 
 def _exists_quietly(location: str) -> bool:
@@ -423,38 +727,7 @@ def _exists_quietly(location: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# local writers the label job and the weight downloads need (object stores: docs/STORAGE.md, phase 2)
-
-
-def _local_only(location: str, what: str) -> str:
-    location = normalize(location)
-    if not is_local(location):
-        raise StorageError(f"{redact(location)}: {what} are written to local paths only for now (docs/STORAGE.md)")
-    return location
-
-
-def _publish(tmp: str, location: str) -> None:
-    """A complete, fsynced temporary sibling becomes ``location``; the rename is made durable."""
-    os.replace(tmp, location)
-    _fsync_dir(os.path.dirname(location) or ".")
-
-
-@contextlib.contextmanager
-def atomic_path(location: str | os.PathLike) -> Iterator[str]:
-    """For a library that writes a file by name (a downloader): yields the name of the temporary
-    sibling; on a normal exit that file is fsynced and renamed to ``location``, on an exception it is
-    removed. Local paths only."""
-    location = _local_only(location, "files written by name")
-    os.makedirs(os.path.dirname(location) or ".", exist_ok=True)
-    tmp = local_tmp_name(location)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _publish(tmp, location)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+# deterministic tars
 
 
 def tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -468,16 +741,15 @@ def tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 class AtomicTarWriter:
-    """A deterministic tar (GNU format, ``tarinfo`` headers) streamed to the temporary sibling of
-    ``location``. ``finish`` closes and fsyncs it, still under its temporary name; ``commit`` renames
-    it into place (so a shard's tars can all be complete on disk before the first one becomes
-    visible); ``abort`` removes it. ``suffixes`` collects the member suffixes written
-    (``"depth.lbl"``, ...). Local paths only."""
+    """A deterministic tar (GNU format, ``tarinfo`` headers) streamed to a local file — the
+    temporary sibling of a local ``location``, or a spool file in the scratch folder for an object
+    store. ``finish`` closes and fsyncs it, still unpublished; ``commit`` publishes it (rename, or
+    upload), so a shard's tars can all be complete locally before the first one becomes visible;
+    ``abort`` removes it. ``suffixes`` collects the member suffixes written (``"depth.lbl"``, ...)."""
 
     def __init__(self, location: str | os.PathLike):
-        self.location = _local_only(location, "streamed tars")
-        os.makedirs(os.path.dirname(self.location) or ".", exist_ok=True)
-        self.tmp = local_tmp_name(self.location)
+        self.location = normalize(location)
+        self.tmp = _tmp_for(self.location)
         self._f = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.GNU_FORMAT)
         self.members = 0
@@ -497,9 +769,11 @@ class AtomicTarWriter:
         self._f.close()
 
     def commit(self) -> dict:
-        """Rename into place; returns {"sha256", "bytes", "members"} of the final file."""
+        """Publish; returns {"sha256", "bytes", "members"} of the published content (hashed from
+        the local file: an upload is checked by the store against its own checksum)."""
+        done = {"sha256": sha256(self.tmp), "bytes": os.path.getsize(self.tmp), "members": self.members}
         _publish(self.tmp, self.location)
-        return {"sha256": sha256(self.location), "bytes": os.path.getsize(self.location), "members": self.members}
+        return done
 
     def abort(self) -> None:
         try:

@@ -18,17 +18,22 @@ generator or class below, so that the flow reads top to bottom::
 3. **experts**: ``predict`` on a batch (maps at the label resolution, label codes when the expert
    converts on its device). A batch that raises is retried image by image.
 4. **encode**: once every expert has an image's maps, the encode pool packs them (in source order).
-5. **write**: members are appended, in source order, to a temporary tar per task tree
-   (``_ShardOutput``); every tar is renamed into place and the shard's stats marker is written last::
+5. **write**: members are appended, in source order, to a local temporary tar per task tree
+   (``_ShardOutput``; ``pipeline.storage.AtomicTarWriter``); once every tar is complete each is
+   published — renamed into place on a filesystem, uploaded on an object store — and the shard's
+   stats marker is written last::
 
-    <out>/seg/<shard>.tar  <out>/depth/<shard>.tar  <out>/normal/<shard>.tar   (atomic renames)
+    <out>/seg/<shard>.tar  <out>/depth/<shard>.tar  <out>/normal/<shard>.tar   (whole or absent)
     <out>/_stats/<shard>.json                                                   (written last)
+
+``<out>`` and the source shard are locations (``pipeline.storage``): local paths or URLs. A source
+shard on a bucket is streamed; the tars of a bucket output are spooled in the scratch folder.
 
 Members keep the source keys in source order. A sample that cannot be labelled (undecodable
 image, expert or encoder failure) gets no member in any tree; it is listed in the marker's
 ``skips`` with its source index, key and reason. The marker's books (``pipeline.shards.SampleLedger``)
 count samples, not members: samples = ok + skipped for every shard. A shard is *complete* when its marker exists and
-the tars it names have the recorded sha256 (``pipeline.job`` checks that before skipping it).
+the tars it names have the recorded sha256 (``pipeline.plan`` checks that before skipping it).
 
 ``ShardWorker`` is the thin Ray actor around it: it loads the experts once and processes one
 shard per call.
@@ -42,14 +47,12 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from pipeline import labels
+from pipeline import labels, storage
 from pipeline.shards import DEFAULT_MAX_PIXELS, Sample, SampleLedger, Skip, decode_record, iter_records
-from pipeline.storage import AtomicTarWriter, write_json_atomic
 
 STATS_DIR = "_stats"
 STATS_VERSION = 2  # 2: per-sample books (samples = ok + skipped), shard damage apart, source modes
@@ -94,21 +97,23 @@ class WorkerConfig:
             raise ValueError("decode_threads and encode_threads must be >= 0 (0: inline)")
 
 
-def stats_path(out_root: str | os.PathLike, shard_stem: str) -> Path:
-    return Path(out_root) / STATS_DIR / f"{shard_stem}.json"
+def stats_path(out_root: str | os.PathLike, shard_stem: str) -> str:
+    """The location of a shard's completion marker."""
+    return storage.join(out_root, STATS_DIR, f"{shard_stem}.json")
 
 
-def tar_path(out_root: str | os.PathLike, task: str, shard_name: str) -> Path:
-    return Path(out_root) / task / shard_name
+def tar_path(out_root: str | os.PathLike, task: str, shard_name: str) -> str:
+    """The location of a shard's label tar for one task tree."""
+    return storage.join(out_root, task, shard_name)
 
 
 class _ShardOutput:
-    """One temporary tar per task tree; ``commit`` renames them all into place once every one is
-    complete on disk. The storage side of the worker: nothing else touches the output files."""
+    """One local temporary tar per task tree; ``commit`` publishes them all once every one is
+    complete. The storage side of the worker: nothing else touches the output files."""
 
-    def __init__(self, out_root: Path, shard_name: str, tasks: tuple[str, ...]):
+    def __init__(self, out_root: str, shard_name: str, tasks: tuple[str, ...]):
         self.name = shard_name
-        self.writers = {t: AtomicTarWriter(tar_path(out_root, t, shard_name)) for t in tasks}
+        self.writers = {t: storage.AtomicTarWriter(tar_path(out_root, t, shard_name)) for t in tasks}
 
     def add(self, members: dict[str, list]) -> None:
         for t, w in self.writers.items():
@@ -118,7 +123,7 @@ class _ShardOutput:
     def commit(self) -> dict:
         for w in self.writers.values():
             w.finish()
-        # every tar is complete on disk before the first rename
+        # every tar is complete locally before the first one is published
         return {t: {"path": f"{t}/{self.name}", **w.commit(),
                     "kinds": [k for k in labels.KINDS if f"{k}.{labels.MEMBER_EXT}" in w.suffixes]}
                 for t, w in self.writers.items()}
@@ -146,13 +151,6 @@ def _pool(threads: int, name: str) -> cf.Executor:
     return cf.ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 0 else _Inline()
 
 
-def _remove_stale_tmp(directory: Path, name: str) -> None:
-    """Temporary files a killed worker left for this shard (never visible under a final name)."""
-    if directory.is_dir():
-        for p in directory.glob(f".{name}.tmp*"):
-            p.unlink(missing_ok=True)
-
-
 class _Tally:
     """What a shard's marker counts: the per-sample books (``SampleLedger``), seg histograms and
     stage timings."""
@@ -173,9 +171,9 @@ class _Tally:
             self.instances += hist["instances"]
 
 
-def _read(src: Path, pool: cf.Executor, cfg: WorkerConfig, tally: _Tally) -> Iterator[tuple[int, Sample]]:
-    """Stage 1: (source index, Sample) in source order; up to ``2 batch + decode_threads`` records
-    decode ahead on the pool. Skips are tallied, not yielded."""
+def _read(source, pool: cf.Executor, cfg: WorkerConfig, tally: _Tally) -> Iterator[tuple[int, Sample]]:
+    """Stage 1: (source index, Sample) in source order from the source shard's stream; up to
+    ``2 batch + decode_threads`` records decode ahead on the pool. Skips are tallied, not yielded."""
     prefetch = 2 * cfg.batch_size + cfg.decode_threads
     pending: deque[tuple[int, cf.Future]] = deque()
 
@@ -191,7 +189,7 @@ def _read(src: Path, pool: cf.Executor, cfg: WorkerConfig, tally: _Tally) -> Ite
                 time.sleep(cfg.sample_delay)
             yield index, item
 
-    for index, record in enumerate(iter_records(src)):
+    for index, record in enumerate(iter_records(source)):
         if isinstance(record, Skip):
             fut: cf.Future = cf.Future()
             fut.set_result(record)
@@ -505,47 +503,60 @@ def process_shard(src_tar: str | os.PathLike, out_root: str | os.PathLike, exper
                   cfg: WorkerConfig) -> dict:
     """Label one source shard (see module doc). Returns the stats dict also written as marker."""
     t_start = time.perf_counter()
-    src, out_root = Path(src_tar), Path(out_root)
+    src, out_root = storage.normalize(src_tar), storage.normalize(out_root)
+    name, stem = storage.basename(src), storage.stem(src)
     missing = [t for t in cfg.tasks if t not in experts]
     if missing:
         raise ValueError(f"no expert for task(s) {missing}")
-    marker = stats_path(out_root, src.stem)
-    marker.unlink(missing_ok=True)  # the shard is being redone: it is not complete any more
-    _remove_stale_tmp(marker.parent, marker.name)
+    marker = stats_path(out_root, stem)
+    storage.remove(marker)  # the shard is being redone: it is not complete any more
+    storage.remove_stale_tmp(marker)
     for t in cfg.tasks:
-        _remove_stale_tmp(out_root / t, src.name)
+        storage.remove_stale_tmp(tar_path(out_root, t, name))
 
     tally = _Tally()
-    output = _ShardOutput(out_root, src.name, cfg.tasks)
+    output = _ShardOutput(out_root, name, cfg.tasks)
     try:
-        with _pool(cfg.decode_threads, "decode") as dpool, _pool(cfg.encode_threads, "encode") as epool, \
-                _lanes(experts, cfg) as lanes:
-            samples = _read(src, dpool, cfg, tally)
+        with storage.open_read(src) as source, _pool(cfg.decode_threads, "decode") as dpool, \
+                _pool(cfg.encode_threads, "encode") as epool, _lanes(experts, cfg) as lanes:
+            source_bytes = _size_of(source, src)
+            samples = _read(source, dpool, cfg, tally)
             labelled = _label(samples, lanes, cfg, tally)
             _write(_encode(labelled, epool, cfg, tally), output, tally)
         tally.timing["experts"] = sum(lane.seconds for lane in lanes)
         expert_errors = [s for s in tally.books.skips if s["reason"] == "expert_error"]
         if tally.books.ok == 0 and expert_errors:
-            raise RuntimeError(f"{src}: every image failed in the experts; first error: "
+            raise RuntimeError(f"{storage.redact(src)}: every image failed in the experts; first error: "
                                f"{min(expert_errors, key=lambda s: s['index'])['detail']}")
         books = tally.books.stats()  # checked before any tar becomes visible
         outputs = output.commit()
     except BaseException:
         output.abort()
         raise
-    stats = _stats(src, cfg, experts, tally, books, outputs, time.perf_counter() - t_start)
-    write_json_atomic(marker, stats)  # last: its presence means the shard is complete
+    stats = _stats(src, source_bytes, cfg, experts, tally, books, outputs, time.perf_counter() - t_start)
+    storage.write_json_atomic(marker, stats)  # last: its presence means the shard is complete
     return stats
 
 
-def _stats(src: Path, cfg: WorkerConfig, experts: dict, tally: _Tally, books: dict, outputs: dict,
-           seconds: float) -> dict:
+def _size_of(stream, location: str) -> int:
+    """Bytes of the source shard as opened (an object store's file knows its size; a local file
+    is asked through its descriptor, so a shard replaced meanwhile cannot be mismeasured)."""
+    known = getattr(stream, "size", None)
+    if isinstance(known, int):
+        return known
+    if hasattr(stream, "fileno"):
+        return os.fstat(stream.fileno()).st_size
+    return storage.size(location)
+
+
+def _stats(src: str, source_bytes: int, cfg: WorkerConfig, experts: dict, tally: _Tally, books: dict,
+           outputs: dict, seconds: float) -> dict:
     return {
         "stats_version": STATS_VERSION,
         "format_version": labels.FORMAT_VERSION,
-        "shard": src.stem,
-        "source": str(src),
-        "source_bytes": src.stat().st_size,
+        "shard": storage.stem(src),
+        "source": storage.redact(src),
+        "source_bytes": source_bytes,
         "fingerprint": cfg.fingerprint,
         **books,
         "outputs": outputs,
@@ -608,11 +619,12 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 
 
 
 class ShardWorker:
-    """Ray actor body (``pipeline.job`` wraps it with ``ray.remote``): experts load once."""
+    """Ray actor body (``pipeline.pool`` wraps it with ``ray.remote``): experts load once."""
 
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
         self.malloc_tuned = keep_freed_memory()
+        storage.remove_dead_spools()  # tars a killed worker on this node was spooling for a bucket
         if cfg.cpu_affinity:
             os.sched_setaffinity(0, cfg.cpu_affinity)
         import torch

@@ -149,7 +149,7 @@ def render(runs: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from trainer.checkpoint import write_text_atomic
+    from pipeline.storage import write_text_atomic
 
     p = argparse.ArgumentParser(prog="python -m probe.table", description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="folders searched for metrics.json (or metrics.json files)")
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     text = render(load_runs(args.folders))
     print(text, end="")
     if args.out:
-        write_text_atomic(Path(args.out), text)
+        write_text_atomic(args.out, text)
     return 0
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pipeline.storage import write_text_atomic
 from probe import datasets as D
 from probe.config import ConfigError, load_probe_config
 from probe.encoder import EncoderError, check_encoder, describe, load_encoder
@@ -254,7 +255,7 @@ def _probe(args, distributed, rank, world, local_rank, device) -> int:
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.truncate_metrics(log_path, start_step)
-        ckpt.write_text_atomic(run_dir / "config.yaml", __import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", __import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
         log.info("%s: %s/%s on %s %s (%d train, %d val items), encoder %s, %d steps (%d/epoch), world %d, %s",
                  run_dir, task, head_kind, train_src.name, train_src.split, len(train_ds), len(val_ds),
                  encoder_info["name"], total_steps, steps_per_epoch, world, precision)
@@ -328,7 +329,7 @@ def _probe(args, distributed, rank, world, local_rank, device) -> int:
                                                      "items": len(train_ds), "missing_labels": train_src.missing_labels},
                   "val_items": len(val_ds), "val_missing_labels": val_src.missing_labels,
                   "steps": total_steps, "world_size": world, "precision": precision, "config": cfg.to_dict()}
-        ckpt.write_text_atomic(metrics_path, json.dumps(record, indent=1, allow_nan=True) + "\n")
+        write_text_atomic(metrics_path, json.dumps(record, indent=1, allow_nan=True) + "\n")
         summary = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
                    for k, v in metrics.items() if not isinstance(v, dict)}
         print(json.dumps({"run": str(run_dir), "task": task, "head": head_kind, "dataset": val_src.name,

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.storage import write_text_atomic
 from probe import datasets as D
 from probe.encoder import EncoderError, describe, load_encoder
 from probe.metrics import TopKMetric, retrieval_recall
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
     info = describe(enc)
     out = Path(args.out or Path("runs/zeroshot") / info["name"] / f"{name}-{task}" / "metrics.json")
     record = {"task": f"zeroshot_{task}", "dataset": name, "metrics": metrics, "encoder": info}
-    ckpt.write_text_atomic(out, json.dumps(record, indent=1) + "\n")
+    write_text_atomic(out, json.dumps(record, indent=1) + "\n")
     print(json.dumps({"out": str(out), "task": f"zeroshot_{task}", "dataset": name,
                       **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}}), flush=True)
     return 0

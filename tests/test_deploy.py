@@ -332,6 +332,40 @@ def test_documented_multinode_command_parses():
         parse_args(run.training_script_args)
 
 
+def test_running_at_scale_commands_parse():
+    """docs/SCALE.md's job and training commands (after any VAR=value prefix, or a `ray job submit
+    … --` wrapper) are accepted by the CLIs they call, and use buckets."""
+    from torch.distributed.run import get_args_parser
+
+    from pipeline import storage
+    from pipeline.__main__ import parser
+    from trainer.train import parse_args
+
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "docs" / "SCALE.md").read_text(), re.S)
+    commands = []
+    for line in re.sub(r"\\\n\s*", " ", "\n".join(blocks)).splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        words = shlex.split(line.split("  #")[0])
+        if "--" in words:  # ray job submit … -- python -m pipeline …
+            words = words[words.index("--") + 1:]
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+            words = words[1:]
+        if words[:2] == ["python", "-m"] and words[2] in ("pipeline", "torch.distributed.run"):
+            commands.append(words)
+    jobs = [c for c in commands if c[2] == "pipeline"]
+    trains = [c for c in commands if c[2] == "torch.distributed.run"]
+    assert len(jobs) >= 2 and trains, commands
+    for cmd in jobs:
+        args = parser().parse_args(cmd[3:])
+        assert storage.scheme(args.out) == "s3"
+    for cmd in trains:
+        run = get_args_parser().parse_args(cmd[3:])
+        assert run.rdzv_backend == "c10d" and run.training_script == "trainer.train"
+        train = parse_args(run.training_script_args)
+        assert storage.scheme(train.labels) == storage.scheme(train.run_dir) == "s3"
+
+
 # ----------------------------------------------------------------------------------------------
 # python -m pipeline --dry-run
 
@@ -374,7 +408,7 @@ def test_dry_run_reports_complete_and_damaged_shards(smoke_labels, sample_dir, t
     assert main(argv) == 0
     assert "dry run sample: 2 shards, 2 complete, 0 would run" in capsys.readouterr().out
 
-    stats_path(out, "00001").unlink()
+    Path(stats_path(out, "00001")).unlink()
     seg = out / "seg" / "00000.tar"
     data = bytearray(seg.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -384,24 +418,3 @@ def test_dry_run_reports_complete_and_damaged_shards(smoke_labels, sample_dir, t
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == ["  00000  would run (seg tar checksum differs)", "  00001  would run (no marker)"]
     assert _tree(out) == before  # nothing written, nothing removed
-
-
-def test_object_store_output_is_refused_until_wired(capsys):
-    from pipeline.__main__ import main
-
-    assert main(["--shards", "sample", "--out", "s3://key:secret@my-bucket/labels", "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --out s3://my-bucket/labels: object-store output is not supported yet")
-    assert "secret" not in err
-
-
-def test_object_store_shards_are_refused_until_wired(tmp_path, monkeypatch, capsys):
-    from pipeline.__main__ import main
-
-    manifest = tmp_path / "bucket.yaml"
-    manifest.write_text("name: bucket\nroot: data/none\nroot_env: CLIPTEX_TEST_ROOT\n"
-                        "shards: \"{00000..00001}.tar\"\noutput: data/labels/none\n")
-    monkeypatch.setenv("CLIPTEX_TEST_ROOT", "s3://my-bucket/cc3m")
-    assert main(["--shards", str(manifest), "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {manifest}: root s3://my-bucket/cc3m is an object-store URL")

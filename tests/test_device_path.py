@@ -391,7 +391,7 @@ def test_resume_redoes_shards_labelled_under_other_label_settings(sample_dir, tm
     """A shard labelled at fp32 (the CPU default) is not complete for a job whose workers run
     bf16, or convert codes elsewhere: the planned settings enter the fingerprint. Throughput knobs
     do not."""
-    from pipeline.job import fingerprint, plan, planned_label_settings
+    from pipeline.plan import fingerprint, plan, planned_label_settings
 
     torch.set_num_threads(1)
     src = [sorted(sample_dir.glob("*.tar"))[0]]

@@ -113,7 +113,7 @@ def test_process_shard_labels_every_sample_in_source_order(sample_dir, null_expe
                     assert tuple(header["image_size"]) == images[key] and header["orientation"] == 1
                     assert arr.shape[:2] == labels.label_shape(images[key], 0.5)
     assert stats["outputs"]["normal"]["kinds"] == ["normal", "normal_conf"]
-    marker = json.loads(stats_path(tmp_path, shard.stem).read_text())
+    marker = json.loads(Path(stats_path(tmp_path, shard.stem)).read_text())
     assert marker["ok"] == 8 and marker["outputs"]["seg"]["sha256"] == stats["outputs"]["seg"]["sha256"]
     assert sum(marker["class_pixels"]) + marker["ignore_pixels"] == sum(
         int(np.prod(labels.label_shape(hw, 0.5))) for hw in images.values())
@@ -253,7 +253,7 @@ def test_expert_error_skips_only_that_image(sample_dir, null_experts, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_plan_redoes_only_shards_without_an_intact_output(sample_dir, null_experts, tmp_path):
-    from pipeline.job import plan
+    from pipeline.plan import plan
 
     shards = sorted(sample_dir.glob("*.tar"))
     cfg = _cfg(fingerprint="fp1")
@@ -286,7 +286,7 @@ def completed_shard(sample_dir, null_experts, tmp_path_factory):
 
 def _edit_marker(change):
     def edit(src, out):
-        marker = stats_path(out, src.stem)
+        marker = Path(stats_path(out, src.stem))
         stats = json.loads(marker.read_text())
         change(stats)
         marker.write_text(json.dumps(stats))
@@ -302,10 +302,10 @@ def _flip_byte(path):
 # every reason check_complete gives for redoing a shard: (damage done to a copy of a complete
 # shard, the reason expected). Each case fails if its check is removed from check_complete.
 REDO = {
-    "no marker": (lambda src, out: stats_path(out, src.stem).unlink(), "no marker"),
-    "unreadable marker": (lambda src, out: stats_path(out, src.stem).write_text('{"stats_version": 1, '),
+    "no marker": (lambda src, out: Path(stats_path(out, src.stem)).unlink(), "no marker"),
+    "unreadable marker": (lambda src, out: Path(stats_path(out, src.stem)).write_text('{"stats_version": 1, '),
                           "unreadable marker: "),
-    "marker not a mapping": (lambda src, out: stats_path(out, src.stem).write_text("[1]"), "marker of another version"),
+    "marker not a mapping": (lambda src, out: Path(stats_path(out, src.stem)).write_text("[1]"), "marker of another version"),
     "other stats version": (_edit_marker(lambda s: s.update(stats_version=s["stats_version"] + 1)),
                             "marker of another version"),
     "other fingerprint": (_edit_marker(lambda s: s.update(fingerprint="fp0")), "made with another config"),
@@ -323,7 +323,7 @@ REDO = {
 def test_resume_redoes_a_shard_for_each_reason(case, completed_shard, tmp_path):
     import shutil
 
-    from pipeline.job import check_complete, plan
+    from pipeline.plan import check_complete, plan
 
     src = tmp_path / "src" / completed_shard[0].name
     src.parent.mkdir()
@@ -343,14 +343,14 @@ def test_resume_redoes_a_shard_for_each_reason(case, completed_shard, tmp_path):
         assert check_complete(src, out, labels.TASKS, "fp1", verify="size")[1] == ""
 
 
-@pytest.mark.parametrize("module,name", [("pipeline.labels", "FORMAT_VERSION"), ("pipeline.job", "STATS_VERSION"),
-                                         ("pipeline.job", "PIPELINE_VERSION")])
+@pytest.mark.parametrize("module,name", [("pipeline.labels", "FORMAT_VERSION"), ("pipeline.plan", "STATS_VERSION"),
+                                         ("pipeline.plan", "PIPELINE_VERSION")])
 def test_fingerprint_follows_each_version(module, name, null_experts, monkeypatch):
     """A new label format, marker layout or pipeline version gives another fingerprint, so every
     marker written before it is "made with another config" and its shard is redone."""
     import importlib
 
-    import pipeline.job as job
+    import pipeline.plan as job
 
     described = {t: e.describe() for t, e in null_experts.items()}  # what the driver fingerprints
     now = job.fingerprint(_cfg(), described)

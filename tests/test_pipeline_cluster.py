@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_node_removed_mid_job_completes(sample_dir, smoke_labels, tmp_path):
         shard = shard_of[on_node2]
         wait_for(lambda: any((out / "seg").glob(f".{shard}.tar.tmp*")), 120, f"shard {shard} to start")
         time.sleep(1.0)
-        assert not stats_path(out, shard).exists(), "shard finished before the node left; test is void"
+        assert not Path(stats_path(out, shard)).exists(), "shard finished before the node left; test is void"
         cluster.remove_node(node2)
         th.join(240)
         assert not th.is_alive(), "job did not finish after the node left"
@@ -60,7 +61,7 @@ def test_node_removed_mid_job_completes(sample_dir, smoke_labels, tmp_path):
             raise box["error"]
         assert box["summary"]["processed"] == ["00000", "00001"]
         # the shard that was on the lost node was redone by a worker on the head node
-        assert json.loads(stats_path(out, shard).read_text())["ok"] == 8
+        assert json.loads(Path(stats_path(out, shard)).read_text())["ok"] == 8
         assert_no_partial_visible(out)
         assert_same_output(out, smoke_labels)
     finally:

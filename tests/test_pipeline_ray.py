@@ -96,7 +96,7 @@ def test_full_run_trees_aligned_with_source(sample_dir, smoke_labels):
     # smoke_labels is a full, clean run of the job (python -m pipeline, local Ray, 2 workers)
     assert_aligned(sample_dir, smoke_labels)
     for shard in ("00000", "00001"):
-        stats = json.loads(stats_path(smoke_labels, shard).read_text())
+        stats = json.loads(Path(stats_path(smoke_labels, shard)).read_text())
         assert stats["ok"] == 8 and stats["skips"] == []
     assert_no_partial_visible(smoke_labels)
 
@@ -120,14 +120,14 @@ def test_sigkill_worker_mid_shard_redoes_it_byte_identical(sample_dir, smoke_lab
              150, "shard 00000 to start")
     time.sleep(1.0)
     victim = next(i for i, s in shard_of.items() if s == "00000")
-    assert not stats_path(out, "00000").exists(), "shard finished before the kill; test is void"
+    assert not Path(stats_path(out, "00000")).exists(), "shard finished before the kill; test is void"
     os.kill(pids[victim], signal.SIGKILL)
     th.join(240)
     assert not th.is_alive(), "job did not finish"
     if "error" in box:
         raise box["error"]
     assert box["summary"]["processed"] == ["00000", "00001"]
-    redone = json.loads(stats_path(out, "00000").read_text())
+    redone = json.loads(Path(stats_path(out, "00000")).read_text())
     assert redone["worker"]["pid"] != pids[victim]
     assert_same_output(out, smoke_labels)
 
@@ -143,7 +143,7 @@ def test_driver_interrupted_then_resume_does_only_the_rest(sample_dir, smoke_lab
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
-        wait_for(lambda: stats_path(out, "00000").exists() or proc.poll() is not None, 200,
+        wait_for(lambda: Path(stats_path(out, "00000")).exists() or proc.poll() is not None, 200,
                  "the first shard to complete")
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)  # Ctrl-C on the driver while shard 00001 is in flight
@@ -154,14 +154,14 @@ def test_driver_interrupted_then_resume_does_only_the_rest(sample_dir, smoke_lab
             proc.wait()
     assert proc.returncode == 130, err
     assert "rerun the same command to resume" in err
-    assert not stats_path(out, "00001").exists()
+    assert not Path(stats_path(out, "00001")).exists()
     assert not (out / "_manifest.json").exists()
     assert_no_partial_visible(out)
-    first_marker = stats_path(out, "00000").read_bytes()
+    first_marker = Path(stats_path(out, "00000")).read_bytes()
 
     summary = run(spec_for(yaml, out, workers=1))
     assert summary["processed"] == ["00001"] and summary["resumed"] == ["00000"]
-    assert stats_path(out, "00000").read_bytes() == first_marker
+    assert Path(stats_path(out, "00000")).read_bytes() == first_marker
     assert_same_output(out, smoke_labels)
     # and a third run (other throughput settings) has nothing to do and leaves the manifest as is
     manifest = (out / "_manifest.json").read_bytes()
@@ -189,7 +189,7 @@ def test_damaged_shards_job_completes_with_skips(sample_dir, tmp_path, ray_local
     assert m["counts"]["samples"] == m["counts"]["ok"] + m["counts"]["skipped"]
     assert reasons["missing_caption"] == 1
     assert reasons.get("truncated_image", 0) + reasons.get("not_an_image", 0) == 2
-    skips = json.loads(stats_path(out, "00001").read_text())["skips"]
+    skips = json.loads(Path(stats_path(out, "00001")).read_text())["skips"]
     assert [s["key"] for s in skips] == ["000010001", "000010003", "000010005"]
     assert [s["index"] for s in skips] == [1, 3, 5]
 

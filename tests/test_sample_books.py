@@ -17,7 +17,8 @@ import skimage.data
 from PIL import Image
 
 from pipeline import labels
-from pipeline.job import JobSpec, build_manifest, write_manifest
+from pipeline.outputs import build_manifest, write_manifest
+from pipeline.plan import JobSpec
 from pipeline.manifest import ShardSet
 from pipeline.shards import Record, SampleLedger, Skip, iter_records
 from pipeline.worker import WorkerConfig, process_shard

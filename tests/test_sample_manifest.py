@@ -1,6 +1,7 @@
 """make sample determinism and layout, manifest errors (one line, exit 2), the img2dataset command."""
 import inspect
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -47,14 +48,15 @@ def test_sample_manifest_resolves(monkeypatch, sample_dir):
     if not link.exists():
         link.symlink_to(sample_dir)
     s = load_manifest("sample")
-    assert [p.name for p in s.shards] == ["00000.tar", "00001.tar"] and s.expected_samples == 16
+    assert s.shards == ("data/sample/00000.tar", "data/sample/00001.tar") and s.expected_samples == 16
+    assert s.sizes == {p: os.path.getsize(p) for p in s.shards}  # from the one listing
 
 
 def test_cc3m_root_from_environment(tmp_path, monkeypatch):
     (tmp_path / "00007.tar").write_bytes(b"")
     monkeypatch.setenv("CC3M_ROOT", str(tmp_path))
     s = load_manifest("cc3m")
-    assert s.shard_names == ["00007"] and s.root == tmp_path
+    assert s.shard_names == ["00007"] and s.root == str(tmp_path)
 
 
 @pytest.mark.parametrize("text,message", [
@@ -108,3 +110,14 @@ def test_download_adds_the_tsv_header(tmp_path, monkeypatch):
     headed = tmp_path / "cc3m" / "Train_GCC-training.with_header.tsv"
     assert headed.read_text().splitlines() == ["caption\turl", "a dog on a beach\thttp://example.invalid/1.jpg"]
     assert download.main(["--tsv", str(tmp_path / "missing.tsv"), "--dry-run"]) == 2
+
+
+def test_download_to_a_bucket_keeps_the_headed_tsv_local(tmp_path, monkeypatch, capsys):
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text("a dog on a beach\thttp://example.invalid/1.jpg\n")
+    monkeypatch.setenv("CC3M_ROOT", "s3://my-bucket/cc3m")
+    assert download.main(["--tsv", str(tsv), "--dry-run"]) == 0  # prints the command, contacts nothing
+    cmd = capsys.readouterr().out.split()
+    assert "--output_folder=s3://my-bucket/cc3m" in cmd  # img2dataset writes the shards there (fsspec)
+    assert f"--url_list={tmp_path / 'Train_GCC-training.with_header.tsv'}" in cmd
+    assert (tmp_path / "Train_GCC-training.with_header.tsv").is_file()

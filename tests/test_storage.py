@@ -39,10 +39,11 @@ def test_normalize(given, expected):
     assert storage.normalize(given) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "s3://", "s3://bucket/../other", "s3://bucket/./x"])
+@pytest.mark.parametrize("bad", ["", "s3://", "s3://bucket/../other", "s3://bucket/./x", "s3://AKIA:s3cret@bucket/x"])
 def test_normalize_refuses(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as e:
         storage.normalize(bad)
+    assert "s3cret" not in str(e.value)
 
 
 def test_names():
@@ -308,10 +309,10 @@ def _credentials(monkeypatch, key_id: str, secret: str):
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-@pytest.mark.timeout(60)
-def test_s3_permissions_enforced_and_credentials_never_shown(s3_server, s3_bucket, monkeypatch):
-    name = s3_bucket.removeprefix("s3://")
-    s3_server.client().put_object(Bucket=name, Key="cc3m/00000.tar", Body=b"shard")
+def read_only_user(s3_server, bucket: str) -> dict:
+    """An IAM user of the moto server that may list and read ``bucket`` and nothing else:
+    {"AccessKeyId", "SecretAccessKey", ...} (enforced inside ``s3_server.require_auth()``)."""
+    name = bucket.removeprefix("s3://")
     iam = s3_server.client("iam")
     user = f"reader-{name[-8:]}"
     iam.create_user(UserName=user)
@@ -319,7 +320,14 @@ def test_s3_permissions_enforced_and_credentials_never_shown(s3_server, s3_bucke
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
                        "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"]}]}))
-    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return iam.create_access_key(UserName=user)["AccessKey"]
+
+
+@pytest.mark.timeout(60)
+def test_s3_permissions_enforced_and_credentials_never_shown(s3_server, s3_bucket, monkeypatch):
+    name = s3_bucket.removeprefix("s3://")
+    s3_server.client().put_object(Bucket=name, Key="cc3m/00000.tar", Body=b"shard")
+    key = read_only_user(s3_server, s3_bucket)
     secret = key["SecretAccessKey"]
 
     with s3_server.require_auth():
@@ -334,3 +342,115 @@ def test_s3_permissions_enforced_and_credentials_never_shown(s3_server, s3_bucke
                 storage.check_readable(f"{s3_bucket}/cc3m")
             assert "wrong-secret-value" not in str(e.value)
     assert _keys(s3_server, s3_bucket) == ["cc3m/00000.tar"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the label tar writer, local copies and spools, the output lock
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    folder = tmp_path / "scratch"
+    monkeypatch.setenv(storage.SCRATCH_ENV, str(folder))
+    return folder
+
+
+@pytest.mark.timeout(120)
+def test_s3_tar_writer_publishes_on_commit_only(s3_server, s3_bucket, scratch):
+    from pipeline.shards import tar_bytes
+
+    members = [("000000001.seg.lbl", b"s" * 3000), ("000000002.seg.lbl", b"t" * 10)]
+    target = f"{s3_bucket}/labels/seg/00000.tar"
+    w = storage.AtomicTarWriter(target)
+    for name, data in members:
+        w.add(name, data)
+    w.finish()
+    assert _keys(s3_server, s3_bucket) == []  # complete, spooled locally, not yet visible
+    assert [p.name for p in scratch.iterdir()] == [os.path.basename(w.tmp)]
+    done = w.commit()
+    expected = tar_bytes(members)  # the same deterministic bytes, built independently of the writer
+    got = s3_server.client().get_object(Bucket=s3_bucket.removeprefix("s3://"), Key="labels/seg/00000.tar")
+    assert got["Body"].read() == expected
+    assert done == {"sha256": hashlib.sha256(expected).hexdigest(), "bytes": len(expected), "members": 2}
+    assert list(scratch.iterdir()) == []  # the spool is gone
+
+    aborted = storage.AtomicTarWriter(f"{s3_bucket}/labels/depth/00000.tar")
+    aborted.add(*members[0])
+    aborted.abort()
+    assert _keys(s3_server, s3_bucket) == ["labels/seg/00000.tar"] and list(scratch.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_s3_local_copy_and_upload(s3_server, s3_bucket, scratch, tmp_path):
+    body = os.urandom(3 << 20)
+    src = tmp_path / "local.bin"
+    src.write_bytes(body)
+    storage.upload(str(src), f"{s3_bucket}/runs/x/metrics.jsonl")
+    with storage.local_copy(f"{s3_bucket}/runs/x/metrics.jsonl") as local:
+        assert os.path.dirname(local) == str(scratch)
+        with open(local, "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(body).digest()
+    assert not os.path.exists(local)
+    with storage.local_copy(str(src)) as same:  # a local file is used in place
+        assert same == str(src)
+    assert src.exists()
+
+
+def test_dead_processes_spools_are_removed(scratch):
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead = int(child.stdout)
+    scratch.mkdir()
+    (scratch / f"cliptex-{dead}-abc-00000.tar").write_bytes(b"left by a killed worker")
+    (scratch / f"cliptex-{os.getpid()}-def-00001.tar").write_bytes(b"ours, in use")
+    (scratch / "other-file").write_bytes(b"not ours")
+    assert storage.remove_dead_spools() == [f"cliptex-{dead}-abc-00000.tar"]
+    assert sorted(p.name for p in scratch.iterdir()) == [f"cliptex-{os.getpid()}-def-00001.tar", "other-file"]
+
+
+def test_local_lock_is_exclusive(tmp_path):
+    lock = str(tmp_path / "labels" / ".lock")
+    with storage.exclusive(lock, {"job": "first"}):
+        with pytest.raises(storage.LockHeld, match=f"held by pid {os.getpid()}") as e:
+            with storage.exclusive(lock):
+                pass
+        assert e.value.holder["job"] == "first"
+    with storage.exclusive(lock):  # released
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_s3_lock_is_exclusive_renewed_and_taken_over_when_stale(s3_server, s3_bucket, monkeypatch):
+    lock = f"{s3_bucket}/labels/.lock"
+    with storage.exclusive(lock, {"job": "first"}, renew_seconds=0.2):
+        first = s3_server.client().head_object(Bucket=s3_bucket.removeprefix("s3://"), Key="labels/.lock")
+        with pytest.raises(storage.LockHeld, match=f"held by pid {os.getpid()} .*taken over once") as e:
+            with storage.exclusive(lock):
+                pass
+        assert e.value.holder["job"] == "first"
+        time.sleep(1.0)
+        renewed = s3_server.client().head_object(Bucket=s3_bucket.removeprefix("s3://"), Key="labels/.lock")
+        assert renewed["ETag"] != first["ETag"]  # the holder rewrites its lease
+    assert _keys(s3_server, s3_bucket) == []  # removed at the end
+
+    # a holder that stopped renewing (killed): its lock is taken over once stale, and its own
+    # release then leaves the new holder's lock alone
+    with contextlib.ExitStack() as old:
+        old.enter_context(storage.exclusive(lock, {"job": "killed"}, renew_seconds=3600))
+        with storage.exclusive(lock, {"job": "new"}, lease_seconds=0):
+            old.close()
+            assert json.loads(storage.read_bytes(lock))["job"] == "new"
+    assert _keys(s3_server, s3_bucket) == []
+
+    # two processes taking over the same stale lock: the write is conditional on the ETag both
+    # saw, so only the first succeeds
+    storage.write_bytes_atomic(lock, b'{"job": "killed"}')
+    fs, path = storage.filesystem(lock)
+    stale = fs.info(path)
+    with storage.exclusive(lock, {"job": "winner"}, lease_seconds=0):
+        monkeypatch.setattr(fs, "info", lambda p, **kw: stale)  # the second saw the same stale lock
+        with pytest.raises(storage.LockHeld):
+            with storage.exclusive(lock, {"job": "loser"}, lease_seconds=0):
+                pass
+        monkeypatch.undo()
+        assert json.loads(storage.read_bytes(lock))["job"] == "winner"

@@ -1,5 +1,10 @@
 """Streaming training data: img2dataset shards joined by key with the selected label trees.
 
+Shards and labels are locations (``pipeline.storage``): local paths or URLs (``s3://…``,
+``gs://…``). A source shard is streamed; a label tar on a bucket is first copied whole to the local
+scratch folder (``$CLIPTEX_SCRATCH``, else ``$TMPDIR``) and removed after its shard, because the
+strict join reads members by offset.
+
 Pipeline of one (rank, stream) — a stream is what one DataLoader worker reads:
 
     chunk c: K shards (drawn with replacement in resampled mode, else an epoch-shuffled split of the
@@ -20,13 +25,15 @@ batches the uninterrupted run would have produced.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import math
+import os
 import random
 import tarfile
 import time
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -37,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from cliptex_labels import reader as LR
 from cliptex_labels.images import IMAGE_EXTS, open_image
 from pipeline import labels as L
+from pipeline import storage
 
 log = logging.getLogger(__name__)
 
@@ -58,59 +66,72 @@ class DataError(RuntimeError):
 # shard sets
 
 
-def resolve_shards(spec: str) -> tuple[str, list[Path], int | None, Path | None]:
-    """``spec`` is a manifest name/yaml (manifests/<name>.yaml), a folder of .tar shards or a brace
-    pattern. Returns (name, shard paths, expected samples or None, the manifest's label output or None)."""
-    from braceexpand import braceexpand
+def resolve_shards(spec: str) -> tuple[str, list[str], int | None, str | None]:
+    """``spec`` is a manifest name/yaml (manifests/<name>.yaml), a folder / prefix of .tar shards or
+    a brace pattern, local or a URL (``pipeline.manifest.shard_set``). Returns (name, shard
+    locations, expected samples or None, the manifest's label output or None)."""
+    from pipeline.manifest import shard_set
 
-    from pipeline.manifest import load_manifest
-
-    p = Path(spec)
-    if p.is_dir():
-        shards = sorted(p.glob("*.tar"))
-        if not shards:
-            raise DataError(f"no .tar shards in {p}")
-        return p.name, shards, None, None
-    if "{" in spec or spec.endswith(".tar"):
-        shards = [Path(s) for s in braceexpand(spec) if Path(s).is_file()]
-        if not shards:
-            raise DataError(f"pattern {spec!r} matches no shard")
-        return p.stem.split("{")[0] or "shards", shards, None, None
-    ss = load_manifest(spec)
+    ss = shard_set(spec)
     return ss.name, list(ss.shards), ss.expected_samples, ss.output
 
 
-def count_samples(shards: list[Path], limit: int = 64) -> int:
-    """Number of image members of the shards (counted on up to ``limit`` shards, extrapolated)."""
-    counted = 0
-    for s in shards[:limit]:
-        try:
-            with tarfile.open(s) as tar:
-                counted += sum(1 for n in tar.getnames() if n.rpartition(".")[2].lower() in IMAGE_EXTS)
-        except (tarfile.TarError, OSError):
-            pass
+def _shard_count(shard: str) -> int | None:
+    """Samples in a shard as img2dataset recorded them (``<shard>_stats.json`` beside it), or by
+    counting its image members (the shard streamed once); None if neither can be read."""
+    stats = storage.join(storage.parent(shard), f"{storage.stem(shard)}_stats.json")
+    try:
+        n = json.loads(storage.read_bytes(stats)).get("successes")
+        if isinstance(n, int) and n >= 0:
+            return n
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        with storage.open_read(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            return sum(1 for m in tar if m.name.rpartition(".")[2].lower() in IMAGE_EXTS)
+    except (tarfile.TarError, OSError):
+        return None
+
+
+def count_samples(shards: list, limit: int = 64) -> int:
+    """Number of samples of the shards (counted on up to ``limit`` shards, extrapolated)."""
+    counted = sum(_shard_count(s) or 0 for s in shards[:limit])
     return round(counted * len(shards) / max(1, min(limit, len(shards))))
 
 
-def label_files(label_root: Path | None, tasks: list[str], shards: list[Path]) -> tuple[list[Path], dict, list[str]]:
-    """Keep the shards whose label tars exist for every selected task. Returns (shards, {task: [tar per
-    shard]}, excluded shard names)."""
+def label_files(label_root, tasks: list[str], shards: list) -> tuple[list[str], dict, list[str]]:
+    """Keep the shards whose label tars exist for every selected task (one listing per task tree).
+    Returns (shards, {task: [tar per shard]}, excluded shard names)."""
+    shards = [storage.normalize(s) for s in shards]
     if not tasks:
-        return list(shards), {}, []
-    if label_root is None or not Path(label_root).is_dir():
-        raise DataError(f"label folder {label_root} does not exist; run `make pseudolabel` first "
-                        f"or train the CLIP-FT baseline with --tasks none")
-    root = Path(label_root)
+        return shards, {}, []
+    hint = "run `make pseudolabel` first or train the CLIP-FT baseline with --tasks none"
+    if label_root is None:
+        raise DataError(f"no label folder given (--labels) and the shards come without a manifest; {hint}")
+    root = storage.normalize(label_root)
+    if storage.is_local(root) and not os.path.isdir(root):
+        raise DataError(f"label folder {root} does not exist; {hint}")
+    trees: dict[str, set[str]] = {}
     for t in tasks:
-        if not (root / t).is_dir():
-            raise DataError(f"no {t!r} label tree under {root} (expected {root / t}/<shard>.tar); "
-                            f"drop the task with --tasks or make the labels")
+        try:
+            trees[t] = set(storage.listdir(storage.join(root, t)))
+        except OSError as e:
+            raise storage.error("read", root, e) from e
+    if not any(trees.values()):
+        raise DataError(f"no label trees under {storage.redact(root)}; {hint}")
+    for t in tasks:
+        if not trees[t]:
+            raise DataError(f"no {t!r} label tree under {storage.redact(root)} (expected "
+                            f"{storage.redact(storage.join(root, t))}/<shard>.tar); drop the task with --tasks "
+                            f"or make the labels")
+    tar = {t: {s: storage.join(root, t, storage.basename(s)) for s in shards} for t in tasks}
     keep, excluded = [], []
     for s in shards:
-        (keep if all((root / t / s.name).is_file() for t in tasks) else excluded).append(s)
+        (keep if all(tar[t][s] in trees[t] for t in tasks) else excluded).append(s)
     if not keep:
-        raise DataError(f"none of the {len(shards)} shards has label tars for all of {tasks} under {root}")
-    return keep, {t: [root / t / s.name for s in keep] for t in tasks}, [s.name for s in excluded]
+        raise DataError(f"none of the {len(shards)} shards has label tars for all of {tasks} under "
+                        f"{storage.redact(root)}")
+    return keep, {t: [tar[t][s] for s in keep] for t in tasks}, [storage.basename(s) for s in excluded]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,7 +167,24 @@ def join_shard(source: str, label_tars: dict[str, str], kinds: dict[str, list[st
     """Yield, in source order, records ``{"key", "img", "txt", "labels": {task: {kind: bytes}}}`` of
     source samples that have every selected label kind, and ``("__skip__", reason)`` for everything
     that could not be used (counted by the batcher; a source sample not used also counts once under
-    "samples_skipped"). The join itself is ``cliptex_labels.join_shard``."""
+    "samples_skipped"). The join itself is ``cliptex_labels.join_shard``, on the source streamed
+    and the label tars as local files (remote ones copied to scratch for the shard)."""
+    with contextlib.ExitStack() as stack:
+        # a location that cannot be opened goes to the reader as is: it reports it as damage
+        # (an unreadable source or label tar), as it does for a missing local file
+        stream = _enter_or(stack, storage.open_read, source)
+        local = {t: _enter_or(stack, storage.local_copy, p) for t, p in label_tars.items()}
+        yield from _joined(stream, local, kinds)
+
+
+def _enter_or(stack: contextlib.ExitStack, opener, location: str):
+    try:
+        return stack.enter_context(opener(location))
+    except OSError:
+        return location
+
+
+def _joined(source, label_tars: dict, kinds: dict) -> Iterator[dict | tuple]:
     for item in LR.join_shard(source, label_tars, kinds):
         if isinstance(item, LR.Joined):
             ext = next((e for e in IMAGE_EXTS if e in item.members), None)

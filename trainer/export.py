@@ -2,7 +2,7 @@
 
     python -m trainer.export --run-dir runs/sample-smoke-seg+depth+normal [--checkpoint latest|PATH] [--out DIR]
 
-writes into ``<run>/export`` (or ``--out``):
+writes into ``<run>/export`` (or ``--out``; a folder or a URL):
 
     open_clip_pytorch_model.bin  the full CLIP model (image + text towers, temperature):
                                  open_clip.create_model(<arch>, pretrained=<this file>)
@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from trainer.checkpoint import torch_save_atomic, write_text_atomic
+from pipeline import storage
+from trainer.checkpoint import save_torch
 
 
 def arch_name(arch: str, model_cfg: dict) -> str:
@@ -36,26 +36,27 @@ def arch_name(arch: str, model_cfg: dict) -> str:
     return arch
 
 
-def export(model, model_cfg: dict, preprocess: dict, arch: str, out_dir: Path) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def export(model, model_cfg: dict, preprocess: dict, arch: str, out_dir) -> dict[str, str]:
+    out_dir = storage.normalize(out_dir)
+    storage.makedirs(out_dir)
     state = {k: v.detach().cpu().clone() for k, v in model.clip.state_dict().items()}
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    paths = {"clip": out_dir / "open_clip_pytorch_model.bin", "image_encoder": out_dir / "image_encoder.pt",
-             "config": out_dir / "open_clip_config.json", "info": out_dir / "export.json"}
-    torch_save_atomic(state, paths["clip"])
-    torch_save_atomic(visual, paths["image_encoder"])
+    names = {"clip": "open_clip_pytorch_model.bin", "image_encoder": "image_encoder.pt",
+             "config": "open_clip_config.json", "info": "export.json"}
+    paths = {k: storage.join(out_dir, n) for k, n in names.items()}
+    save_torch(state, paths["clip"])
+    save_torch(visual, paths["image_encoder"])
     size = model_cfg["vision_cfg"].get("image_size", 224)
     pp = {"size": size, "mode": "RGB", "mean": list(preprocess["mean"]), "std": list(preprocess["std"]),
           "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
-    write_text_atomic(paths["config"], json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}, indent=1))
+    storage.write_text_atomic(paths["config"], json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}, indent=1))
     name = arch_name(arch, model_cfg)
-    info = {"arch": name, "image_size": size, "files": {k: p.name for k, p in paths.items()},
-            "load_full": f"open_clip.create_model({name!r}, pretrained={str(paths['clip'])!r}, force_image_size={size})",
+    info = {"arch": name, "image_size": size, "files": names,
+            "load_full": f"open_clip.create_model({name!r}, pretrained={paths['clip']!r}, force_image_size={size})",
             "load_local_dir": f"open_clip.create_model('local-dir:{out_dir}')",
-            "load_image_encoder": f"open_clip.create_model({name!r}, pretrained_image_path={str(paths['image_encoder'])!r}, "
+            "load_image_encoder": f"open_clip.create_model({name!r}, pretrained_image_path={paths['image_encoder']!r}, "
                                   f"force_image_size={size})"}
-    write_text_atomic(paths["info"], json.dumps(info, indent=1))
+    storage.write_text_atomic(paths["info"], json.dumps(info, indent=1))
     return paths
 
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint path")
     p.add_argument("--out", default=None, help="default: <run-dir>/export")
     args = p.parse_args(argv)
-    path = ckpt.find(Path(args.run_dir), args.checkpoint)
+    path = ckpt.find(args.run_dir, args.checkpoint)
     if path is None:
         print(f"error: no checkpoint in {args.run_dir}", file=sys.stderr)
         return 2
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
     cfg = params.from_dict(state["config"])
     model, model_cfg, preprocess = build_model(cfg, saved=state["arch"])
     model.load_state_dict(state["model"])
-    paths = export(model, model_cfg, preprocess, cfg.model.arch, Path(args.out or Path(args.run_dir) / "export"))
-    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    paths = export(model, model_cfg, preprocess, cfg.model.arch, args.out or storage.join(args.run_dir, "export"))
+    print(json.dumps({k: storage.redact(v) for k, v in paths.items()}, indent=1))
     return 0
 
 

@@ -3,6 +3,9 @@
     torchrun --standalone --nproc_per_node=2 -m trainer.train --shards sample --labels data/labels/sample \
         --profile smoke [--steps N] [--tasks seg,depth|none] [--run-dir DIR] [--resume latest] [--export]
 
+``--shards``, ``--labels`` and ``--run-dir`` are locations: local paths or URLs (``s3://…``, ``gs://…``;
+docs/STORAGE.md). An unreadable bucket, a bad manifest or config: one ``error:`` line, exit 2.
+
 Read top to bottom: arguments and config -> distributed setup -> data -> model, optimizer -> resume ->
 the loop (forward, loss, NaN guard, backward, clip, step, log, checkpoint) -> export. gloo on CPU,
 NCCL on CUDA; one process per GPU; multi-node through torchrun's rendezvous flags (docs/TRAINING.md).
@@ -25,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pipeline import storage
+from pipeline.manifest import ManifestError
 from trainer import checkpoint as ckpt
 from trainer import data as D
 from trainer import params
@@ -37,15 +42,17 @@ EXIT_CONFIG, EXIT_NONFINITE = 2, 3
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", default="sample", help="manifest name (manifests/<name>.yaml), folder of .tar shards or brace pattern")
-    p.add_argument("--labels", default=None, help="label root with <task>/<shard>.tar (default: the manifest's output)")
+    p.add_argument("--shards", default="sample", help="manifest name (manifests/<name>.yaml), folder / prefix of .tar "
+                   "shards or brace pattern; local or a URL (s3://bucket/cc3m/{00000..00331}.tar)")
+    p.add_argument("--labels", default=None, help="label root with <task>/<shard>.tar, a folder or a URL "
+                   "(default: the manifest's output)")
     p.add_argument("--profile", default="default", help="trainer/configs/<profile>.yaml (default | smoke)")
     p.add_argument("--config", default=None, help="a YAML config file (overrides --profile)")
     p.add_argument("--tasks", default=None, help="comma list of seg,depth,normal; 'none' = CLIP-FT baseline; 'all'")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides optim.epochs)")
     p.add_argument("--arch", default=None, help="open_clip model name (model.arch)")
     p.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint file (model.pretrained); 'none' = random")
-    p.add_argument("--run-dir", default=None, help="default: runs/<shards>-<profile>-<tasks>")
+    p.add_argument("--run-dir", default=None, help="a folder or a URL (default: runs/<shards>-<profile>-<tasks>)")
     p.add_argument("--resume", default=None, help="'latest' (of --run-dir) or a checkpoint path")
     p.add_argument("--export", action="store_true", help="export the open_clip model to <run-dir>/export at the end")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. optim.lr=1e-4")
@@ -92,7 +99,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
     try:
         return _train(args, distributed, rank, world, local_rank, device, main_proc)
-    except (params.ConfigError, D.DataError, PretrainedUnavailable, ckpt.CheckpointError) as e:
+    except (params.ConfigError, D.DataError, ManifestError, storage.StorageError, PretrainedUnavailable,
+            ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:
@@ -119,7 +127,7 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
 
     # ---- data ----------------------------------------------------------------------------------
     name, shards, expected, manifest_out = D.resolve_shards(args.shards)
-    label_root = Path(args.labels) if args.labels else manifest_out
+    label_root = args.labels or manifest_out
     shards, label_tars, excluded = D.label_files(label_root, cfg.tasks, shards)
     if excluded:
         log.warning("%d shard(s) have no label tars for %s and are left out: %s", len(excluded), cfg.tasks,
@@ -130,10 +138,12 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
     num_streams = max(1, cfg.data.num_workers)
 
     profile = Path(args.config).stem if args.config else args.profile
-    run_dir = Path(args.run_dir or f"runs/{name}-{profile}-{'+'.join(cfg.tasks) or 'clipft'}")
+    run_dir = storage.normalize(args.run_dir or f"runs/{name}-{profile}-{'+'.join(cfg.tasks) or 'clipft'}")
+    if main_proc:
+        storage.check_writable(run_dir)  # a missing bucket or no permission: before any work
     resume_path = ckpt.find(run_dir, args.resume) if args.resume else None
     if not args.resume and ckpt.has_checkpoints(run_dir):
-        raise params.ConfigError(f"{run_dir} already holds a run; continue it with --resume latest "
+        raise params.ConfigError(f"{storage.redact(run_dir)} already holds a run; continue it with --resume latest "
                                  f"or start another with --run-dir")
 
     # ---- model, loss, optimizer ----------------------------------------------------------------
@@ -172,7 +182,7 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
             data_seed = cfg.run.seed + 1_000_003 * start_step  # fresh streams, not a replay of the start
             log.warning("resuming with %d ranks x %d workers (checkpoint: %d x %d): the data order differs "
                         "from an uninterrupted run", world, num_streams, dstate["world_size"], dstate["num_streams"])
-        log.info("resumed from %s at step %d", resume_path, start_step)
+        log.info("resumed from %s at step %d", storage.redact(resume_path), start_step)
     else:
         torch.manual_seed(cfg.run.seed * 1000 + rank)  # per-rank dropout streams
         random.seed(cfg.run.seed * 1000 + rank)
@@ -188,23 +198,30 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
     stream_pos = [list(p) for p in (positions or [(0, 0)] * num_streams)]
 
     # ---- run directory -------------------------------------------------------------------------
-    metrics_path = run_dir / "metrics.jsonl"
+    # metrics and TensorBoard events are appended to: in a local folder (the run directory itself,
+    # or, for a bucket, a scratch folder uploaded with every checkpoint)
+    local_dir = ckpt.local_run_dir(run_dir)
+    metrics_path = os.path.join(local_dir, "metrics.jsonl")
     writer = None
     if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        os.makedirs(local_dir, exist_ok=True)
+        if state:
+            ckpt.fetch_run_file(run_dir, "metrics.jsonl")
         ckpt.truncate_metrics(metrics_path, start_step)
-        ckpt.write_text_atomic(run_dir / "config.yaml", params.yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        ckpt.write_text_atomic(run_dir / "run.json", json.dumps({
-            "shards": args.shards, "labels": str(label_root) if cfg.tasks else None, "num_shards": len(shards),
+        storage.write_text_atomic(storage.join(run_dir, "config.yaml"),
+                                  params.yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        storage.write_text_atomic(storage.join(run_dir, "run.json"), json.dumps({
+            "shards": storage.redact(args.shards), "labels": storage.redact(label_root) if cfg.tasks else None,
+            "num_shards": len(shards),
             "excluded_shards": excluded, "num_samples": num_samples, "world_size": world,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "precision": precision,
             "model_cfg": model_cfg, "preprocess": preprocess}, indent=1, default=list))
         if cfg.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+            writer = SummaryWriter(os.path.join(local_dir, "tb"), purge_step=start_step + 1)
         log.info("%s: %d shards, %d samples/epoch, %d steps (%d/epoch), world %d, tasks %s, %s, %s",
-                 run_dir, len(shards), num_samples, total_steps, steps_per_epoch, world, cfg.tasks or "none (CLIP-FT)",
+                 storage.redact(run_dir), len(shards), num_samples, total_steps, steps_per_epoch, world, cfg.tasks or "none (CLIP-FT)",
                  cfg.model.arch, precision)
     if distributed:
         dist.barrier()
@@ -250,7 +267,7 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
         if vec[n].item() < world:
             bad = {k: round(v.item() / world, 6) for k, v in zip(["loss"] + term_names, vec[:n])}
             msg = (f"non-finite loss at step {step + 1} (rank means: {bad}); stopping without saving. "
-                   f"Last good checkpoint: {last_ckpt or 'none'}. Resume with --resume latest, e.g. with a lower optim.lr.")
+                   f"Last good checkpoint: {storage.redact(last_ckpt) if last_ckpt else 'none'}. Resume with --resume latest, e.g. with a lower optim.lr.")
             if main_proc:
                 print(f"error: {msg}", file=sys.stderr, flush=True)
             pbar.close()
@@ -265,7 +282,7 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
         if not torch.isfinite(grad_norm) and precision != "fp16":
             if main_proc:
                 print(f"error: non-finite gradient norm at step {step + 1}; stopping without saving. "
-                      f"Last good checkpoint: {last_ckpt or 'none'}.", file=sys.stderr, flush=True)
+                      f"Last good checkpoint: {storage.redact(last_ckpt) if last_ckpt else 'none'}.", file=sys.stderr, flush=True)
             pbar.close()
             return EXIT_NONFINITE
         scaler.step(optimizer)
@@ -303,17 +320,19 @@ def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int
                                   data={"world_size": world, "num_streams": num_streams, "seed": data_seed,
                                         "positions": stream_pos,
                                         "skips": {r: v for r, v in zip(D.REASONS, skip_totals.tolist()) if v}},
-                                  keep=cfg.run.keep_checkpoints)
+                                  keep=cfg.run.keep_checkpoints, local_dir=local_dir)
     pbar.close()
     if writer:
         writer.close()
+    if main_proc:
+        ckpt.sync_run_files(local_dir, run_dir)  # the last metrics and events, after the writer closed
 
     # ---- export ----------------------------------------------------------------------------------
     if args.export and main_proc:
         from trainer.export import export
 
-        paths = export(model, model_cfg, preprocess, cfg.model.arch, run_dir / "export")
-        log.info("exported: %s", ", ".join(str(p) for p in paths.values()))
+        paths = export(model, model_cfg, preprocess, cfg.model.arch, storage.join(run_dir, "export"))
+        log.info("exported: %s", ", ".join(storage.redact(p) for p in paths.values()))
     if distributed:
         dist.barrier()
     return 0
