@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from probe.heads import build_dense_head, build_linear_classifier
 from probe.losses import angmf_nll_loss, ssi_loss
 from probe.metrics import DepthMetric, NormalMetric, SegMetric, TopKMetric, depth_valid_mask, disparity_to_depth
 from trainer import checkpoint as ckpt
+from trainer.distributed import process_group
 from trainer.losses import seg_loss
 from trainer.model import PretrainedUnavailable
 from trainer.train import lr_at, param_groups
@@ -92,25 +92,12 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    logging.basicConfig(level=logging.WARNING, format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", force=True)
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    try:
-        return _probe(args, distributed, rank, world, local_rank, device)
-    except (ConfigError, D.DatasetError, EncoderError, PretrainedUnavailable, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    with process_group(log) as r:
+        try:
+            return _probe(args, r.distributed, r.rank, r.world, r.local_rank, r.device)
+        except (ConfigError, D.DatasetError, EncoderError, PretrainedUnavailable, ckpt.CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
 
 
 def _all_mean(x: torch.Tensor, distributed: bool, world: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from trainer import checkpoint as ckpt
 from trainer import data as D
 from trainer import params
 from trainer.losses import CLIPTeXLoss
+from trainer.distributed import process_group
 from trainer.model import PretrainedUnavailable, build_model, compile_dense
 
 log = logging.getLogger("trainer")
@@ -80,32 +81,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-
-    # ---- distributed setup -------------------------------------------------------------------
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    main_proc = rank == 0
-    logging.basicConfig(level=logging.WARNING, format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", force=True)
-    log.setLevel(logging.INFO if main_proc else logging.WARNING)
     # open_clip's ClipLoss still calls torch.distributed.nn.all_gather (autograd-aware, what we want)
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
-    try:
-        return _train(args, distributed, rank, world, local_rank, device, main_proc)
-    except (params.ConfigError, D.DataError, ManifestError, storage.StorageError, PretrainedUnavailable,
-            ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    with process_group(log) as r:
+        try:
+            return _train(args, r.distributed, r.rank, r.world, r.local_rank, r.device, r.main)
+        except (params.ConfigError, D.DataError, ManifestError, storage.StorageError, PretrainedUnavailable,
+                ckpt.CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
 
 
 def _train(args, distributed, rank, world, local_rank, device, main_proc) -> int:
