@@ -16,25 +16,31 @@ G1  per expert: samples/s of ``process_shard`` with that expert alone (worker or
     padding, codes, decode/encode overlapped) vs its bare forward on full batches of one input
     shape (each image costed at its own shape's full-batch time; seg: transform, backbone, RPN
     and ROI heads, without the paste). Goal >= 0.8. Also the first-use cost: the expert's
-    ``warm_up`` over the images' shapes in a fresh process minus the same call once warm.
+    ``warm_up`` over the images' shapes in a fresh process minus the same call once warm. Depth
+    and normals: the same job with ``pin_memory`` off (a pageable, stream-synchronising copy per
+    image) and the host-device synchronisations per batch (torch's sync debug mode); seg: its
+    bare forward in NCHW, under cuDNN's autotuner, in TF32 and in bf16.
 G2  samples/s of ``process_shard`` with all three experts vs 1 / (sum of the bare per-image
     times). Goal >= 0.85, and >= 3 x 11.6 = 34.8 samples/s on an H100-class GPU (11.6: the job
     before issue 9's changes, ../shared/GPU.md). Variants of the job's options on one shard
-    (deferred hand-over off, pinned uploads on, device codes off, seg in bf16, concurrent experts,
-    window 8) decide the defaults.
+    (``VARIANTS``: uploads, hand-over, threads, seg memory format, cuDNN autotuner, seg precision)
+    decide the defaults.
 G4  labels of the GPU path (bf16 autocast, codes on the device) vs the fp32 path (codes on the
     host) on the same images, as stored (encoded, decoded): seg pixel agreement, depth mean
     relative error, normal angular error median / p99, on the sample's 16 distinct photos; tf32
     the same way. Goal: seg >= 99 %,
-    depth <= 1 %, normals median <= 1 degree; prints the precision to use per expert. Random
-    weights exaggerate flips near the 0.5 score threshold: confirm with real weights.
+    depth <= 1 %, normals median <= 1 degree; prints the precision to use per expert. The yardstick
+    beside them: fp32 labels of the same photos with 1 % of their pixels one grey level brighter.
+    Random weights put many scores and mask logits right at their thresholds, so confirm with the
+    real weights: ``python -m bench.run --device cuda --profile default G4``.
 
-Everything runs within a time budget (``budget_s``, default 300 s on CUDA): variants that would
+Everything runs within a time budget (``budget_s`` or $BENCH_BUDGET_S, default 270 s on CUDA): variants that would
 start after it are skipped and say so. Results are saved after every part (``save``).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import shutil
 import sys
@@ -53,7 +59,7 @@ def _log(msg: str) -> None:
 
 
 class _Setup:
-    def __init__(self, device: str, sample_dir: str, quick: bool, tmp: Path):
+    def __init__(self, device: str, sample_dir: str, quick: bool, tmp: Path, profile: str | None = None):
         import torch
 
         from bench.p2_p3_p6_job import make_shards
@@ -63,7 +69,7 @@ class _Setup:
         self.device = device
         self.cuda = device.startswith("cuda")
         self.quick = quick
-        self.profile = "smoke" if quick else "random"
+        self.profile = profile or ("smoke" if quick else "random")
         # shards of 256: each shard's end flushes its partial buckets (padded); CC3M's shards hold
         # ~10k images, so at 128 that tail weighed several times more than it does in the job
         n_shards, per_shard = (2, 6) if quick else (2, 256)
@@ -73,6 +79,7 @@ class _Setup:
         self.options = {t: {"max_batch": self.batch} for t in TASKS}
         self.tmp = tmp
         self.t0 = time.perf_counter()
+        self.budget_s = float("inf")
         self.gpu = torch.cuda.get_device_name(torch.device(device)) if self.cuda else (platform.processor() or "cpu")
         self.env = {"device": device, "gpu_name": self.gpu, "torch": torch.__version__,
                     "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if self.cuda else None,
@@ -127,7 +134,7 @@ def _bare_call(task: str, expert, batch: list[np.ndarray]):
     import torch
 
     if task == "seg":
-        tensors = [expert.to_device(im).float().div_(255.0) for im in batch]
+        tensors = [t.float().div_(255.0) for t in expert.to_device_many(batch)]
         m = expert.model
 
         def call():
@@ -208,7 +215,69 @@ def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
                                                                      "max_batch", "pad_batches")}}
     _log(f"G1 {task}: wrapper {job['samples_per_s']:.1f}/s vs bare {bare_rate:.1f}/s -> {r['ratio']:.3f}; "
          f"first use {first['seconds']:.1f} s for {first['shapes']} shapes (warm {again['seconds']:.2f} s)")
+    if task == "seg":
+        r["bare_variants_ms_per_image"] = _seg_bare_variants(s, e)
+    else:
+        with _set({task: e}, pin_memory=False):
+            off = s.job({task: e}, s.worker(tasks=(task,)), name=f"g1-{task}-pin-off")
+        r["pin_memory_off"] = {"wrapper_samples_per_s": off["samples_per_s"],
+                               "ratio": round(off["samples_per_s"] / bare_rate, 4), "job_timing_s": off["timing_s"]}
+        _log(f"G1 {task} with pin_memory off (a pageable copy per image): {off['samples_per_s']:.1f}/s "
+             f"-> {r['pin_memory_off']['ratio']:.3f}")
+        r["syncs"] = count_syncs(s, {task: e}, s.worker(tasks=(task,)))
+        _log(f"G1 {task}: {r['syncs']}")
     return r
+
+
+def _seg_bare_variants(s: _Setup, e) -> dict:
+    """The seg forward's speed under the settings that could make plain fp32 faster (memory
+    format, cuDNN's autotuner) and under TF32 / bf16: ms per image, each image at its shape's
+    full-batch time (one repetition after one warm-up pass per shape)."""
+    import torch
+
+    out: dict = {}
+    variants = [("fp32 contiguous", {"memory_format": "contiguous"}, False),
+                ("fp32 channels_last + cudnn.benchmark", {}, True),
+                ("fp32 contiguous + cudnn.benchmark", {"memory_format": "contiguous"}, True),
+                ("tf32", {"precision": "tf32"}, False), ("bf16", {"precision": "bf16"}, False)]
+    for name, attrs, bench_mode in variants:
+        if s.elapsed() > s.budget_s / 2:
+            out[name] = "skipped: time budget"
+            continue
+        old = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = bench_mode
+        try:
+            with _set({"seg": e}, **attrs):
+                out[name] = round(bare_seconds_per_image(s, "seg", e, reps=1)["seconds_per_image"] * 1e3, 3)
+        except Exception as ex:  # noqa: BLE001 - a diagnostic
+            out[name] = f"error: {type(ex).__name__}: {ex}"
+        finally:
+            torch.backends.cudnn.benchmark = old
+        _log(f"G1 seg bare, {name}: {out[name]} ms/image")
+    return out
+
+
+def count_syncs(s: _Setup, experts: dict, cfg) -> dict:
+    """Host-device synchronisations while ``process_shard`` labels the first shard, as torch's
+    sync debug mode reports them (a prototype: it misses some), per forward batch."""
+    import warnings
+
+    if not s.cuda:
+        return {"skipped": "CUDA only"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s.torch.cuda.set_sync_debug_mode("warn")
+        try:
+            job = s.job(experts, cfg, shards=s.shards[:1], name="syncs")
+        finally:
+            s.torch.cuda.set_sync_debug_mode("default")
+    msgs = [str(w.message).splitlines()[0][:120] for w in caught if "ynchroniz" in str(w.message)]
+    batches = max(1, -(-job["samples"] // s.batch))
+    kinds: dict = {}
+    for m in msgs:
+        kinds[m] = kinds.get(m, 0) + 1
+    return {"syncs": len(msgs), "batches": batches, "per_batch": round(len(msgs) / batches, 2),
+            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:5])}
 
 
 @contextlib.contextmanager
@@ -217,14 +286,16 @@ def _set(experts: dict, **attrs):
     ``task={name: value}`` for one; ``precision`` goes through ``set_precision``."""
     per_task = {t: {**{k: v for k, v in attrs.items() if k not in experts}, **attrs.get(t, {})} for t in experts}
 
+    setters = {"precision": ("set_precision", "precision_option"), "memory_format": ("set_memory_format", "memory_format")}
+
     def assign(e, k, v):
-        if k == "precision":
-            e.set_precision(v)
+        if k in setters:
+            getattr(e, setters[k][0])(v)
         elif hasattr(e, k):
             setattr(e, k, v)
 
-    old = {t: {k: (e.precision_option if k == "precision" else getattr(e, k))
-               for k in per_task[t] if hasattr(e, k) or k == "precision"} for t, e in experts.items()}
+    old = {t: {k: getattr(e, setters[k][1] if k in setters else k) for k in per_task[t] if hasattr(e, k) or k in setters}
+           for t, e in experts.items()}
     for t, e in experts.items():
         for k, v in per_task[t].items():
             assign(e, k, v)
@@ -249,29 +320,36 @@ def g2(s: _Setup, experts: dict, bare_ms: dict) -> dict:
     return out
 
 
-VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes (per task: {task: {...}})); one shard each
-    ("default", {}, {}),
-    ("deferred_handover_off", {"deferred_handover": False}, {}),
-    ("pin_memory_on", {}, {"pin_memory": True}),
-    ("device_codes_off", {}, {"device_codes": False}),
-    ("seg_bf16", {}, {"seg": {"precision": "bf16"}}),
-    ("concurrent_experts", {"concurrent_experts": True}, {}),
-    ("window = batch (no bucketing across batches)", {"window": None}, {}),
+VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes (per task: {task: {...}}), cudnn.benchmark)
+    ("default", {}, {}, False),
+    ("pin_memory_off (a pageable copy per image)", {}, {"pin_memory": False}, False),
+    ("seg contiguous (NCHW)", {}, {"seg": {"memory_format": "contiguous"}}, False),
+    ("cudnn.benchmark", {}, {}, True),
+    ("decode and encode threads 6", {"decode_threads": 6, "encode_threads": 6}, {}, False),
+    ("seg bf16", {}, {"seg": {"precision": "bf16"}}, False),
+    ("seg tf32", {}, {"seg": {"precision": "tf32"}}, False),
+    ("deferred_handover_off", {"deferred_handover": False}, {}, False),
 ]
-# measured on an H100 before the deferred hand-over (first run, 2 shards of 128, seg bf16, pinned
-# uploads on): default 38.7, concurrent_experts 8.2, window = batch 12.4, device_codes_off 33.6,
-# pin_memory_off 47.3, padding_off 36.4 (first pass) / 37.7 samples/s
+# measured on an H100 in earlier runs (one shard of 256, samples/s): run 2 (seg fp32, per-image
+# pageable uploads): default 19.5, deferred hand-over off 17.8, per-image pinning 17.8, device codes
+# off 19.2, seg bf16 38.3, concurrent experts 8.1, window = batch 4.9; run 1 (seg bf16, before the
+# deferred hand-over, shards of 128): default (per-image pinning) 38.7, pinning off 47.3, padding
+# off 36.4 (first pass) / 37.7
 
 
 def g2_variants(s: _Setup, experts: dict, budget_s: float, save) -> dict:
     """The job's options one at a time against the default, on the first shard; each variant is
     skipped once the run has used ``budget_s``."""
     out: dict = {}
-    for name, cfg_kw, attrs in VARIANTS:
+    import torch
+
+    for name, cfg_kw, attrs, cudnn_benchmark in VARIANTS:
         if s.elapsed() > budget_s:
             out[name] = {"skipped": f"time budget ({budget_s:.0f} s) spent"}
             continue
         cfg_kw = {k: (s.batch if v is None else v) for k, v in cfg_kw.items()}
+        old = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         try:
             with _set(experts, **attrs):
                 r = s.job(experts, s.worker(**cfg_kw), shards=s.shards[:1], name="variant")
@@ -280,11 +358,13 @@ def g2_variants(s: _Setup, experts: dict, budget_s: float, save) -> dict:
         except Exception as e:  # noqa: BLE001 - one variant must not hide the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             _log(f"G2 variant {name} failed: {e}")
+        finally:
+            torch.backends.cudnn.benchmark = old
         save(out)
     return out
 
 
-def profile(s: _Setup, experts: dict, path: Path, n: int) -> dict:
+def profile_job(s: _Setup, experts: dict, path: Path, n: int) -> dict:
     """torch.profiler over ``process_shard`` on the first ``n`` images: the top ops by device and
     by host time, written to ``path`` (for reading when a goal is missed)."""
     import torch
@@ -296,15 +376,16 @@ def profile(s: _Setup, experts: dict, path: Path, n: int) -> dict:
     shard = make_shards(Path(s.tmp / "src"), s.tmp / "prof-src", 1, n)[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.cuda else [])
     t0 = time.perf_counter()
+    tasks = ("depth", "normal")  # the seg path (torchvision's detection internals) was profiled in run 1
     with torch_profile(activities=activities) as prof:
-        s.job(experts, s.worker(), shards=[shard], name="profile")
+        s.job({t: experts[t] for t in tasks}, s.worker(tasks=tasks), shards=[shard], name="profile")
     table = prof.key_averages()
     text = []
     if s.cuda:
         text.append(table.table(sort_by="self_cuda_time_total", row_limit=40))
     text.append(table.table(sort_by="self_cpu_time_total", row_limit=40))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"process_shard on {n} images, {s.gpu}\n\n" + "\n\n".join(text))
+    path.write_text(f"process_shard (depth, normal) on {n} images, {s.gpu}\n\n" + "\n\n".join(text))
     return {"path": str(path), "images": n, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -363,7 +444,8 @@ def g4(s: _Setup, experts: dict, n_images: int) -> dict:
         pick = next((p for p in ("bf16", "tf32") if _meets(task, res[p])), "fp32")
         out["per_expert"][task] = res
         out["recommended_precision"][task] = pick
-        _log(f"G4 {task}: bf16 {res['bf16']}, tf32 {res['tf32']} -> {pick}")
+        _log(f"G4 {task}: bf16 {res['bf16']}, tf32 {res['tf32']}, fp32 with 1 % of pixels +1 grey level "
+             f"{res['fp32_input_noise']} -> {pick}")
     rec = out["recommended_precision"]
     out["recommended_cli"] = "--precision " + ",".join(f"{t}={p}" for t, p in rec.items())
     from expert_wrappers._torch import CUDA_DEFAULT_PRECISION
@@ -382,6 +464,20 @@ def g4(s: _Setup, experts: dict, n_images: int) -> dict:
     return out
 
 
+def _nudged(images: list[np.ndarray], share: float = 0.01, seed: int = 0) -> list[np.ndarray]:
+    """The images with ``share`` of their pixels one grey level brighter (all channels): a change no
+    one would see, and the yardstick for a precision's label changes (random weights put many
+    decisions right at their thresholds)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for im in images:
+        x = im.copy()
+        hit = rng.random(im.shape[:2]) < share
+        x[hit] = np.minimum(x[hit].astype(np.int16) + 1, 255).astype(np.uint8)
+        out.append(x)
+    return out
+
+
 def _g4_expert(e, task: str, images, sizes) -> dict:
     old = (e.precision_option, e.device_codes)
     try:
@@ -390,7 +486,9 @@ def _g4_expert(e, task: str, images, sizes) -> dict:
         reference = e.predict(images, sizes)
         e.device_codes = True
         codes_fp32 = e.predict(images, sizes)
-        res = {"device_codes_vs_host_fp32": _compare(task, codes_fp32, reference)}
+        res = {"device_codes_vs_host_fp32": _compare(task, codes_fp32, reference),
+               # the model's own sensitivity: fp32 again, 1 % of the pixels one grey level brighter
+               "fp32_input_noise": _compare(task, e.predict(_nudged(images), sizes), reference)}
         for prec in ("bf16", "tf32"):
             e.set_precision(prec)
             res[prec] = _compare(task, e.predict(images, sizes), reference)
@@ -402,14 +500,15 @@ def _g4_expert(e, task: str, images, sizes) -> dict:
 
 def run(device: str = "cuda", parts=("G1", "G2", "G4"), sample_dir: str = "data/sample",
         quick: bool | None = None, budget_s: float | None = None, save=None,
-        profile_path: str | None = None) -> dict:
+        profile_path: str | None = None, profile: str | None = None) -> dict:
     """Returns {"G1": ..., "G2": ..., "G4": ...} (whichever of ``parts``), each with the GPU's name;
     ``save(results)`` is called after every part. Order: G1 (warms the experts up and measures the
     bare forwards), G2, G4, then G2's option variants and a profile while time is left."""
     import torch
 
     quick = (not device.startswith("cuda")) if quick is None else quick
-    budget_s = budget_s if budget_s is not None else (600.0 if quick else 270.0)
+    if budget_s is None:
+        budget_s = float(os.environ.get("BENCH_BUDGET_S") or (600.0 if quick else 270.0))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch sees no CUDA device")
     if quick and not device.startswith("cuda"):
@@ -418,7 +517,8 @@ def run(device: str = "cuda", parts=("G1", "G2", "G4"), sample_dir: str = "data/
     tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     results: dict = {}
     try:
-        s = _Setup(device, sample_dir, quick, tmp)
+        s = _Setup(device, sample_dir, quick, tmp, profile)
+        s.budget_s = budget_s
         _log(f"{s.gpu}: {len(s.images)} images in {len(s.shards)} shards, experts '{s.profile}', batch {s.batch}")
         experts, build_s = s.build()
         _log(f"experts built in {build_s:.1f} s")
@@ -455,7 +555,7 @@ def run(device: str = "cuda", parts=("G1", "G2", "G4"), sample_dir: str = "data/
             results["G2"]["variants"].pop("env", None)
             save(results)
             if profile_path and s.elapsed() < budget_s:
-                results["G2"]["profile"] = part("profile", lambda: profile(s, experts, Path(profile_path),
+                results["G2"]["profile"] = part("profile", lambda: profile_job(s, experts, Path(profile_path),
                                                                          4 if quick else 32))
                 results["G2"]["profile"].pop("env", None)
                 save(results)

@@ -3,6 +3,7 @@
     python -m bench.run [P1 P2 ...]                 # CPU benchmarks P1-P6 (all by default)
     python -m bench.run --device cuda [G1 G2 G3 G4]  # GPU benchmarks (make bench-gpu); no Ray needed
     python -m bench.run --device cpu G1 G2 G4       # the same code path with smoke experts (a check)
+    python -m bench.run --device cuda --profile default G4  # G4 with the real checkpoints
 
 Each benchmark reports ratios measured within one run on this machine (absolute speeds vary with
 the machine; the ratios are what the goals are about). A benchmark whose module is missing or fails
@@ -57,7 +58,7 @@ def _save(results: dict) -> None:
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def gpu_benchmarks(device: str, only: list[str] | None) -> dict:
+def gpu_benchmarks(device: str, only: list[str] | None, profile: str | None = None) -> dict:
     """G1, G2, G4 from bench.g_gpu; G3 (the trainer step on the GPU) from bench.g3_train when that
     module exists. Partial results are saved as each part finishes (a run cut short keeps them)."""
     ids = [i for i in G_IDS if not only or i in only]
@@ -71,7 +72,7 @@ def gpu_benchmarks(device: str, only: list[str] | None) -> dict:
             from bench import g_gpu
 
             out = g_gpu.run(device, tuple(g), SAMPLE, save=lambda r: _save({**results, **r}),
-                            profile_path=os.environ.get("BENCH_PROFILE"))
+                            profile_path=os.environ.get("BENCH_PROFILE"), profile=profile)
         except Exception as e:  # noqa: BLE001 - reported in the table, G3 still runs
             traceback.print_exc()
             out = {i: {"error": f"{type(e).__name__}: {e}"} for i in g}
@@ -102,9 +103,9 @@ def gpu_benchmarks(device: str, only: list[str] | None) -> dict:
     return {i: results[i] for i in ids}
 
 
-def main(only: list[str] | None = None, device: str | None = None) -> int:
+def main(only: list[str] | None = None, device: str | None = None, profile: str | None = None) -> int:
     if device is not None:
-        _table(gpu_benchmarks(device, only))
+        _table(gpu_benchmarks(device, only, profile))
         return 0
     # the GPU figures (G*) were measured elsewhere: a CPU run replaces only what it reruns
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -158,11 +159,14 @@ def _args(argv: list[str]) -> tuple[list[str] | None, str | None]:
 
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda | cpu: the GPU benchmarks G1-G4 on that device")
+    ap.add_argument("--profile", default=None,
+                    help="experts for G1, G2, G4: random (default on CUDA: the default architectures, seeded "
+                         "random weights) | default (the real checkpoints, where they are available) | smoke")
     ap.add_argument("ids", nargs="*", help="benchmark ids (default: all of the chosen kind)")
     a = ap.parse_args(argv)
-    return a.ids or None, a.device
+    return a.ids or None, a.device, a.profile
 
 
 if __name__ == "__main__":
-    only, device = _args(sys.argv[1:])
-    sys.exit(main(only, device))
+    only, device, profile = _args(sys.argv[1:])
+    sys.exit(main(only, device, profile))

@@ -35,7 +35,7 @@ def build_expert(task: str, profile: str = "default", device: str = "cpu", **opt
              (local model dir), net_size (384), max_batch
     normal — variant ("BN" = scannet.pt | "GN" = nyu.pt), weights (path), target_pixels, max_batch
     all    — seed (smoke and random profiles); torch experts: max_batch, precision (auto | bf16 |
-             fp16 | fp32 | tf32), pad_batches, pin_memory (see expert_wrappers._torch.TorchExpert)
+             fp16 | fp32 | tf32), pad_batches, pin_memory, memory_format (see expert_wrappers._torch.TorchExpert)
 
     Raises MissingWeightsError (default profile, weights not available) or
     MissingDependencyError (an optional backend is not installed).

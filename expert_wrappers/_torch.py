@@ -13,6 +13,8 @@ import torch
 from .base import PRECISIONS, Expert
 
 DEFAULT_SEED = 0
+MEMORY_FORMATS = ("channels_last", "contiguous")
+_MEMORY_FORMAT = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # "auto" per task on CUDA; everywhere else "auto" is fp32. The GPU benchmark's G4 (labels of bf16
 # autocast vs fp32 on the same images, H100) is what these defaults rest on (docs/EXPERTS.md): depth
 # 0.16 % mean relative error and normals 0.03 deg median under bf16; seg kept 85 % of its pixels
@@ -170,6 +172,59 @@ def multiple_of(x: float, m: int = 32, lo: int | None = None) -> int:
     return max(lo if lo is not None else m, y)
 
 
+class UploadRing:
+    """Host-to-device copies of uint8 arrays that never block the host: each call gathers its
+    arrays into one buffer of a small ring of reused staging buffers (pinned on CUDA) and queues
+    one non-blocking copy; an event marks when the copy has read the buffer, and a buffer is
+    written again only after its event (by then long passed: the ring holds ``slots`` batches).
+
+    A copy from pageable memory is not an option on the hot path: the CUDA runtime stages it
+    through its own buffer and torch then synchronises the stream, so the host waits for every
+    kernel queued before the copy. Pinning each image separately (torch's ``pin_memory()``) was
+    measured slower than that on an H100 (bench G2, run 1). Buffers grow to the largest batch seen
+    (rounded up to a power of two), so a worker allocates a few, once."""
+
+    def __init__(self, device: torch.device, slots: int = 3, pin: bool | None = None):
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda" if pin is None else bool(pin)
+        self.slots: list[list] = [[None, None] for _ in range(max(1, slots))]  # [buffer, event]
+        self.next = 0
+        self.allocations = 0
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 arrays -> uint8 tensors of the same shapes on the device, views of one copy."""
+        sizes = [int(a.size) for a in arrays]
+        for a in arrays:
+            if a.dtype != np.uint8:
+                raise TypeError(f"UploadRing: uint8 arrays only, got {a.dtype}")
+        slot = self.slots[self.next]
+        self.next = (self.next + 1) % len(self.slots)
+        buf, event = slot
+        if event is not None:
+            event.synchronize()  # the copy that last read this buffer
+        total = max(1, sum(sizes))
+        if buf is None or buf.numel() < total:
+            buf = torch.empty(1 << (total - 1).bit_length(), dtype=torch.uint8, pin_memory=self.pin)
+            slot[0] = buf
+            self.allocations += 1
+        host = buf.numpy()
+        start = 0
+        for a, n in zip(arrays, sizes):
+            np.copyto(host[start:start + n].reshape(a.shape), a)
+            start += n
+        dev = buf[:total].to(self.device, non_blocking=self.pin)
+        if self.device.type == "cuda":
+            slot[1] = torch.cuda.Event()
+            slot[1].record(torch.cuda.current_stream(self.device))
+        elif dev.data_ptr() == buf.data_ptr():  # a CPU "device": the buffer is reused, so copy out
+            dev = dev.clone()
+        out, start = [], 0
+        for a, n in zip(arrays, sizes):
+            out.append(dev[start:start + n].view(a.shape))
+            start += n
+        return out
+
+
 class TorchExpert(Expert):
     """Base for torch experts: inference mode always; on CUDA channels_last and, by default, bf16
     autocast; on CPU plain fp32, which is deterministic.
@@ -182,10 +237,17 @@ class TorchExpert(Expert):
       whose outputs are dropped, so every forward has the same batch size: the GPU meets one
       (batch, shape) pair per input shape, and labels do not depend on how many neighbours an
       image had (on CPU a batch of 1 can take another kernel than a batch of 2). Default: on CUDA.
-    - ``pin_memory``: stage images in pinned host memory and copy them without blocking the host.
-      Default: off. Measured on an H100 (bench G2): pinning every image, each of its own size,
-      made the job slower (38.7 vs 47.3 samples/s), as page-locking memory per call costs more
-      than the copy it saves.
+    - ``pin_memory``: how a batch's images reach a CUDA device. On (the default on CUDA): the
+      batch's bytes are gathered into one of a few reused pinned buffers (``UploadRing``) and
+      copied in one transfer that does not block the host. Off: one copy per image from the
+      image's own (pageable) memory; such a copy synchronises the stream, so queuing a batch
+      waits until every batch queued before it has run, and the GPU then idles while the host
+      prepares the next one (the deferred hand-over of ``pipeline.worker`` relies on not
+      waiting). The bench's G1/G2 variants measure both. Asked for on a CPU, the same ring runs
+      unpinned (so CPU tests cover it); the CPU default is off (the tensors then share the images'
+      memory, no copy at all).
+    - ``memory_format``: ``channels_last`` (default on CUDA: bf16 tensor-core convolutions want
+      NHWC) or ``contiguous`` (NCHW; the CPU default).
     - ``device_codes``: hand over ``labels.Codes`` made on the device (set after construction).
 
     Subclasses that batch by network input shape implement ``batch_key`` (the input shape),
@@ -193,7 +255,8 @@ class TorchExpert(Expert):
     """
 
     def __init__(self, device: str | torch.device = "cpu", max_batch: int = 8, precision: str = "auto",
-                 pad_batches: bool | None = None, pin_memory: bool | None = None) -> None:
+                 pad_batches: bool | None = None, pin_memory: bool | None = None,
+                 memory_format: str | None = None) -> None:
         super().__init__()
         self.device = torch.device(device)
         self.max_batch = int(max_batch)
@@ -202,7 +265,11 @@ class TorchExpert(Expert):
         self.on_cuda = self.device.type == "cuda"
         self.set_precision(precision)
         self.pad_batches = self.on_cuda if pad_batches is None else bool(pad_batches)
-        self.pin_memory = bool(pin_memory) and self.on_cuda
+        if memory_format not in (None,) + MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+        self.memory_format = memory_format or ("channels_last" if self.on_cuda else "contiguous")
+        self.pin_memory = self.on_cuda if pin_memory is None else bool(pin_memory)
+        self._uploads = UploadRing(self.device) if self.pin_memory else None  # on a CPU: unpinned (tests)
         # On a GPU the label codes are computed where the maps are (pipeline.labels_torch): the host
         # then only compresses and writes, and a map crosses the bus as 2 bytes per pixel, not 4
         # (12 for normals). On a CPU the worker's encode pool does the same work off the expert's thread.
@@ -220,9 +287,15 @@ class TorchExpert(Expert):
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.eval().requires_grad_(False).to(self.device)
-        if self.on_cuda:
-            model = model.to(memory_format=torch.channels_last)
-        return model
+        return model.to(memory_format=_MEMORY_FORMAT[self.memory_format])
+
+    def set_memory_format(self, memory_format: str) -> None:
+        """``memory_format`` as the constructor takes it, applied to the loaded model (the GPU
+        benchmark compares both on one model)."""
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+        self.memory_format = memory_format
+        self.model = self.model.to(memory_format=_MEMORY_FORMAT[memory_format])
 
     def autocast(self):
         """The precision context of a forward pass."""
@@ -234,15 +307,23 @@ class TorchExpert(Expert):
 
     def to_device(self, img: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) -> uint8 (3, H, W) on the device; the float conversion happens there,
-        so only a quarter of the bytes cross the bus. With ``pin_memory`` the copy is queued from
-        pinned memory and the host goes on at once."""
-        if not img.flags.writeable:  # torch wants writable memory; decoded frames can be read-only
-            img = img.copy()
-        t = torch.from_numpy(np.ascontiguousarray(img))
-        pinned = self.pin_memory and self.on_cuda
-        if pinned:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=pinned).permute(2, 0, 1)
+        so only a quarter of the bytes cross the bus."""
+        return self.to_device_many([img])[0]
+
+    def to_device_many(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """``to_device`` for a batch: with ``pin_memory`` one non-blocking transfer through the
+        upload ring, else one (synchronising) copy per image. On a CPU the tensors share the
+        images' memory."""
+        if self.pin_memory:
+            if self._uploads is None:  # switched on after construction
+                self._uploads = UploadRing(self.device)
+            return [t.permute(2, 0, 1) for t in self._uploads.upload(images)]
+        out = []
+        for img in images:
+            if not img.flags.writeable:  # torch wants writable memory; decoded frames can be read-only
+                img = img.copy()
+            out.append(torch.from_numpy(np.ascontiguousarray(img)).to(self.device).permute(2, 0, 1))
+        return out
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """A partial batch filled up to ``max_batch`` with its last image (see ``pad_batches``)."""
@@ -280,7 +361,8 @@ class TorchExpert(Expert):
         return finish
 
     def channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.on_cuda else x.contiguous()
+        """A network input in the model's memory format."""
+        return x.contiguous(memory_format=_MEMORY_FORMAT[self.memory_format])
 
     # -- batching by network input shape ---------------------------------------------------------
 
@@ -357,6 +439,7 @@ class TorchExpert(Expert):
         d["device_codes"] = self.device_codes
         d["max_batch"] = self.max_batch
         d["pad_batches"] = self.pad_batches
+        d["memory_format"] = self.memory_format
         return d
 
     def label_settings(self, device_type: str | None = None) -> dict:

@@ -155,8 +155,8 @@ class DPTExpert(TorchExpert):
     def preprocess(self, images: list[np.ndarray], key: tuple[int, int]) -> torch.Tensor:
         # on float like DPT's cv2.INTER_CUBIC on img / 255: torch's faster uint8 bicubic clips
         # between its two passes and moves some edge pixels by up to 9 levels (and is CPU-only)
-        x = torch.cat([F.interpolate(self.to_device(im)[None].float(), size=key, mode="bicubic", align_corners=False)
-                       for im in images])
+        x = torch.cat([F.interpolate(t[None].float(), size=key, mode="bicubic", align_corners=False)
+                       for t in self.to_device_many(images)])
         return x.div_(255.0).sub_(0.5).div_(0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +180,6 @@ def build(profile: str = "default", device: str = "cpu", *, checkpoint: str = DE
     """Options: checkpoint ('Intel/dpt-large' | 'Intel/dpt-hybrid-midas' | local dir), weights
     (local model directory), net_size, input_shapes (a fixed set of (h, w) network inputs; each
     image is squashed to the one nearest its aspect ratio), and the common ones of
-    ``TorchExpert`` (max_batch, precision, pad_batches, pin_memory)."""
+    ``TorchExpert`` (max_batch, precision, pad_batches, pin_memory, memory_format)."""
     model, name, ckpts = build_model(profile, checkpoint, weights, seed)
     return DPTExpert(model, name=name, device=device, checkpoints=ckpts, **options)

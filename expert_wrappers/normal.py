@@ -114,8 +114,8 @@ class NormalExpert(TorchExpert):
         has that kernel for uint8 on CPU only, so every device takes the float path (it differs
         from the uint8 one by at most one grey level: the uint8 kernel rounds)."""
         xs = []
-        for im in images:
-            x = self.to_device(im)[None].float()
+        for t in self.to_device_many(images):
+            x = t[None].float()
             if tuple(x.shape[-2:]) != tuple(key):
                 x = F.interpolate(x, size=key, mode="bilinear", align_corners=False, antialias=True)
             xs.append(x)
@@ -145,7 +145,7 @@ def build(profile: str = "default", device: str = "cpu", *, variant: str = "BN",
     """Options: variant ('BN' = scannet.pt, default | 'GN' = nyu.pt), weights (path to the
     official checkpoint), target_pixels, input_shapes (a fixed set of (h, w) network inputs; each
     image is squashed to the one nearest its aspect ratio), and the common ones of
-    ``TorchExpert`` (max_batch, precision, pad_batches, pin_memory)."""
+    ``TorchExpert`` (max_batch, precision, pad_batches, pin_memory, memory_format)."""
     model, name, ckpts = build_model(profile, variant, weights, seed)
     if profile == "smoke":
         options.setdefault("target_pixels", SMOKE_TARGET_PIXELS)

@@ -318,7 +318,7 @@ class MaskRCNNExpert(TorchExpert):
     # backend-specific: images -> instances, masks pasted at ``sizes`` (default: each image's own)
     def detect(self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None) -> list[Detections]:
         sizes = [tuple(im.shape[:2]) for im in images] if sizes is None else [tuple(hw) for hw in sizes]
-        tensors = [self.to_device(im).float().div_(255.0) for im in images]
+        tensors = [t.float().div_(255.0) for t in self.to_device_many(images)]
         n = len(tensors)
         if self.pad_batches and n < self.max_batch:  # copies of the last image, dropped before pasting
             tensors += [tensors[-1]] * (self.max_batch - n)
@@ -393,7 +393,7 @@ def build(profile: str = "default", device: str = "cpu", *, backend: str = "torc
     """Options: score_threshold, overlap_threshold, mask_threshold, ignore_threshold, confidence,
     paste_at ('label': masks pasted at the asked size, default without SAM | 'image': at the
     image's, then the class map resized), the common ones of ``TorchExpert`` (max_batch,
-    precision, pad_batches, pin_memory); sam=True enables SAM refinement."""
+    precision, pad_batches, pin_memory, memory_format); sam=True enables SAM refinement."""
     from . import sam as sam_mod
 
     if backend not in BACKENDS:

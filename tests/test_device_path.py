@@ -81,12 +81,13 @@ def test_the_guard_sees_the_issue_9_kernel():
 def test_device_path_calls_no_cpu_only_kernel(sample_dir):
     """Every op the experts run with their device-path settings — bf16 autocast, padded batches,
     label codes on the device — exists on CUDA for the dtypes used. On CPU the experts take the
-    same code as on CUDA (no device branches around the ops; only channels_last, pinned memory and
-    streams differ), so what runs here is what a GPU runs."""
+    same code as on CUDA (no device branches around the ops; uploads go through the same staging
+    ring, unpinned; only channels_last, pinning and streams differ), so what runs here is what a GPU
+    runs."""
     images = sample_images(sample_dir, 2)  # two input shapes; max_batch 2 keeps bf16 on CPU quick
     experts = build_experts("seg,depth,normal", "smoke",
-                            options={t: {"precision": "bf16", "pad_batches": True, "max_batch": 2}
-                                     for t in labels.TASKS})
+                            options={t: {"precision": "bf16", "pad_batches": True, "max_batch": 2,
+                                         "pin_memory": True} for t in labels.TASKS})
     for e in experts.values():
         e.device_codes = True
     with CpuOnlyKernelGuard() as guard:
@@ -97,6 +98,45 @@ def test_device_path_calls_no_cpu_only_kernel(sample_dir):
     seen = {name for name, _ in guard.ops}
     # the guard saw the resizes it is about, so an empty list means something
     assert {"aten._upsample_bilinear2d_aa", "aten.upsample_bicubic2d", "aten.bincount"} <= seen
+
+
+def test_upload_ring_stages_a_batch_in_one_copy_and_reuses_its_buffers():
+    """The staging ring (a CUDA expert's uploads, pinned there): any uint8 arrays, read-only or
+    strided too, come back equal; a few buffers serve any number of batches; a later batch never
+    overwrites what an earlier one returned."""
+    from expert_wrappers._torch import UploadRing
+
+    rng = np.random.default_rng(0)
+    ring = UploadRing(torch.device("cpu"), slots=2)
+    kept = []
+    for i in range(7):
+        arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20 + i, 31), (7, 9 + i), (1, 1))]
+        arrays[1].flags.writeable = False
+        arrays.append(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)[::2, ::-1])  # not contiguous
+        out = ring.upload(arrays)
+        assert [tuple(t.shape) for t in out] == [a.shape for a in arrays]
+        assert all(t.dtype == torch.uint8 for t in out)
+        kept.append((arrays, out))
+    for arrays, out in kept:
+        for a, t in zip(arrays, out):
+            np.testing.assert_array_equal(t.numpy(), a)
+    assert ring.allocations <= 2 + 1  # each slot once, and one regrowth at most for these sizes
+    with pytest.raises(TypeError, match="uint8"):
+        ring.upload([np.zeros((2, 2, 3), np.float32)])
+
+
+def test_staged_uploads_give_the_labels_of_direct_uploads(sample_dir):
+    """``pin_memory`` (on by default for CUDA experts) changes how images travel, not the labels."""
+    images = sample_images(sample_dir, 3)
+    sizes = label_sizes(images)
+    for task in labels.TASKS:
+        direct, staged = (build_expert(task, "smoke", pin_memory=pin) for pin in (False, True))
+        assert staged._uploads is not None and direct._uploads is None
+        a, b = direct.predict(images, sizes), staged.predict(images, sizes)
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=f"{task} {k}")
 
 
 # ----------------------------------------------------------------------------------------------
