@@ -149,7 +149,7 @@ def _bare_call(task: str, expert, batch: list[np.ndarray]):
 
     def call():
         with torch.inference_mode():
-            expert.forward(x)
+            expert.run_forward(x)  # as the expert runs it: replayed from a CUDA graph where it uses them
     return call
 
 
@@ -202,12 +202,16 @@ def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
     first = e.warm_up(sizes)  # a fresh process: every (batch, shape) pair is new here
     again = e.warm_up(sizes)
     bare = bare_seconds_per_image(s, task, e)
+    if getattr(e, "cuda_graphs", False):
+        with _set({task: e}, cuda_graphs=False):
+            eager = bare_seconds_per_image(s, task, e)
     job = s.job({task: e}, s.worker(tasks=(task,)), name=f"g1-{task}")
     bare_rate = 1.0 / bare["seconds_per_image"]
     r = {"ratio": round(job["samples_per_s"] / bare_rate, 4),
          "wrapper_samples_per_s": job["samples_per_s"], "bare_samples_per_s": round(bare_rate, 3),
          "bare_ms_per_image": round(bare["seconds_per_image"] * 1e3, 3),
          "bare_ms_per_image_by_shape": bare["ms_per_image_by_shape"], "input_shapes": bare["shapes"],
+         "bare_forward": "CUDA graph replay" if getattr(e, "cuda_graphs", False) else "eager",
          "job_timing_s": job["timing_s"],
          "first_use": {"shapes": first["shapes"], "first_s": first["seconds"], "warm_s": again["seconds"],
                        "s_per_new_shape": round((first["seconds"] - again["seconds"]) / max(1, first["shapes"]), 3)},
@@ -215,15 +219,23 @@ def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
                                                                      "max_batch", "pad_batches")}}
     _log(f"G1 {task}: wrapper {job['samples_per_s']:.1f}/s vs bare {bare_rate:.1f}/s -> {r['ratio']:.3f}; "
          f"first use {first['seconds']:.1f} s for {first['shapes']} shapes (warm {again['seconds']:.2f} s)")
+    if getattr(e, "cuda_graphs", False):
+        r["bare_eager_ms_per_image"] = round(eager["seconds_per_image"] * 1e3, 3)
+        r["ratio_vs_bare_eager"] = round(job["samples_per_s"] * eager["seconds_per_image"], 4)
+        _log(f"G1 {task}: bare eager forward {r['bare_eager_ms_per_image']} ms/image (graph replay "
+             f"{r['bare_ms_per_image']}); wrapper / bare eager {r['ratio_vs_bare_eager']:.3f}")
     if task == "seg":
-        r["bare_variants_ms_per_image"] = _seg_bare_variants(s, e)
+        if os.environ.get("BENCH_SEG_VARIANTS", "1") != "0":
+            r["bare_variants_ms_per_image"] = _seg_bare_variants(s, e)
     else:
-        with _set({task: e}, pin_memory=False):
-            off = s.job({task: e}, s.worker(tasks=(task,)), name=f"g1-{task}-pin-off")
-        r["pin_memory_off"] = {"wrapper_samples_per_s": off["samples_per_s"],
-                               "ratio": round(off["samples_per_s"] / bare_rate, 4), "job_timing_s": off["timing_s"]}
-        _log(f"G1 {task} with pin_memory off (a pageable copy per image): {off['samples_per_s']:.1f}/s "
-             f"-> {r['pin_memory_off']['ratio']:.3f}")
+        for name, attrs in (("cuda_graphs_off", {"cuda_graphs": False}), ("pin_memory_off", {"pin_memory": False})):
+            if not hasattr(e, next(iter(attrs))):
+                continue
+            with _set({task: e}, **attrs):
+                off = s.job({task: e}, s.worker(tasks=(task,)), name=f"g1-{task}-{name}")
+            r[name] = {"wrapper_samples_per_s": off["samples_per_s"],
+                       "ratio": round(off["samples_per_s"] / bare_rate, 4), "job_timing_s": off["timing_s"]}
+            _log(f"G1 {task} with {name}: {off['samples_per_s']:.1f}/s -> {r[name]['ratio']:.3f}")
         r["syncs"] = count_syncs(s, {task: e}, s.worker(tasks=(task,)))
         _log(f"G1 {task}: {r['syncs']}")
     return r
@@ -322,15 +334,15 @@ def g2(s: _Setup, experts: dict, bare_ms: dict) -> dict:
 
 VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes (per task: {task: {...}}), cudnn.benchmark)
     ("default", {}, {}, False),
+    ("cuda_graphs_off", {}, {"cuda_graphs": False}, False),
     ("pin_memory_off (a pageable copy per image)", {}, {"pin_memory": False}, False),
-    ("seg contiguous (NCHW)", {}, {"seg": {"memory_format": "contiguous"}}, False),
-    ("cudnn.benchmark", {}, {}, True),
-    ("decode and encode threads 6", {"decode_threads": 6, "encode_threads": 6}, {}, False),
-    ("seg bf16", {}, {"seg": {"precision": "bf16"}}, False),
-    ("seg tf32", {}, {"seg": {"precision": "tf32"}}, False),
-    ("deferred_handover_off", {"deferred_handover": False}, {}, False),
+    ("seg channels_last", {}, {"seg": {"memory_format": "channels_last"}}, False),
+    ("seg bf16", {}, {"seg": {"precision": "bf16", "memory_format": "channels_last"}}, False),
 ]
-# measured on an H100 in earlier runs (one shard of 256, samples/s): run 2 (seg fp32, per-image
+# measured on an H100 in run 3 (one shard of 256, samples/s; seg fp32 channels_last, no graphs,
+# pinned ring): default 20.0, per-image pageable uploads 19.2, seg NCHW 21.4, cudnn.benchmark 19.7,
+# decode/encode threads 6 19.8, seg bf16 42.0, seg tf32 40.5, deferred hand-over off 19.4.
+# In earlier runs: run 2 (seg fp32, per-image
 # pageable uploads): default 19.5, deferred hand-over off 17.8, per-image pinning 17.8, device codes
 # off 19.2, seg bf16 38.3, concurrent experts 8.1, window = batch 4.9; run 1 (seg bf16, before the
 # deferred hand-over, shards of 128): default (per-image pinning) 38.7, pinning off 47.3, padding
@@ -492,6 +504,17 @@ def _g4_expert(e, task: str, images, sizes) -> dict:
         for prec in ("bf16", "tf32"):
             e.set_precision(prec)
             res[prec] = _compare(task, e.predict(images, sizes), reference)
+        if getattr(e, "cuda_graphs", False):  # graph replays vs eager forwards, default precision: identical?
+            e.set_precision(old[0])
+            graphed = e.predict(images, sizes)
+            e.cuda_graphs = False
+            try:
+                eager = e.predict(images, sizes)
+            finally:
+                e.cuda_graphs = True
+            res["cuda_graphs_vs_eager"] = {"identical_maps": sum(
+                all(np.array_equal(_stored_values(k, g[k]), _stored_values(k, x[k])) for k in g if k in ("depth", "normal", "normal_conf"))
+                for g, x in zip(graphed, eager)), "images": len(images)}
     finally:
         e.set_precision(old[0])
         e.device_codes = old[1]

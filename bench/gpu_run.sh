@@ -15,7 +15,7 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export BENCH_RESULTS="$OUT/results.json" BENCH_PROFILE="$OUT/profile.txt" BENCH_SAMPLE=${BENCH_SAMPLE:-data/sample}
+export BENCH_RESULTS="$OUT/results.json" BENCH_PROFILE="${BENCH_PROFILE-$OUT/profile.txt}" BENCH_SAMPLE=${BENCH_SAMPLE:-data/sample}
 
 {
   echo "== $(date -u +%FT%TZ) on $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"

@@ -295,6 +295,7 @@ class MaskRCNNExpert(TorchExpert):
         self.paste_at = paste_at
         self.input_format = input_format
         self.checkpoints.update(checkpoints or {})
+        self.cuda_graphs = False  # torchvision's detection is no fixed-shape tensor program
         # Instances below every threshold the rule uses cannot change the map, and pasting their
         # masks is most of the post-processing cost: the detector drops them before the mask
         # head. The background confidence does use them: then the detector's own floor stays.

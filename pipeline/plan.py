@@ -28,7 +28,8 @@ PIPELINE_VERSION = 3  # 2: experts resize to the label resolution on their devic
 #                      sampled at the label resolution, NLL input resized on float, shape buckets
 # fields of an expert's description that only change throughput (or, for precision and device
 # codes, enter the fingerprint as the settings predicted for the workers' device instead)
-_NOT_LABELS = ("device", "precision", "device_codes", "max_batch", "pad_batches", "pin_memory", "memory_format")
+_NOT_LABELS = ("device", "precision", "device_codes", "max_batch", "pad_batches", "pin_memory", "memory_format",
+               "cuda_graphs", "graphs")
 
 
 @dataclass
