@@ -284,12 +284,30 @@ def count_syncs(s: _Setup, experts: dict, cfg) -> dict:
         finally:
             s.torch.cuda.set_sync_debug_mode("default")
     msgs = [str(w.message).splitlines()[0][:120] for w in caught if "ynchroniz" in str(w.message)]
+    # where the first one comes from: in "error" mode the synchronising call raises, with its stack
+    first_site = None
+    e = next(iter(experts.values()))
+    images = s.images[:s.batch]
+    from pipeline.labels import label_shape
+
+    s.torch.cuda.set_sync_debug_mode("error")
+    try:
+        e.predict(images, [label_shape(im.shape[:2], cfg.label_scale) for im in images])
+    except Exception as ex:  # noqa: BLE001 - the synchronising call (a diagnostic: never fails G1)
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(ex.__traceback__) if "site-packages" not in f.filename]
+        first_site = [f"{type(ex).__name__}: {str(ex)[:80]}"] + [f"{Path(f.filename).name}:{f.lineno} {f.line}"
+                                                                  for f in frames[-3:]]
+    finally:
+        s.torch.cuda.set_sync_debug_mode("default")
     batches = max(1, -(-job["samples"] // s.batch))
     kinds: dict = {}
     for m in msgs:
         kinds[m] = kinds.get(m, 0) + 1
     return {"syncs": len(msgs), "batches": batches, "per_batch": round(len(msgs) / batches, 2),
-            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:5])}
+            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:5]),
+            "first_in_predict": first_site or "none raised in one predict call"}
 
 
 @contextlib.contextmanager
