@@ -563,8 +563,10 @@ class _Lease:
     def _body(self) -> bytes:
         import time
 
-        return (json.dumps({**self.owner, "renewed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                + "\n").encode()
+        # to the millisecond: each renewal is a new body (so a new ETag), also within one second
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        return (json.dumps({**self.owner, "renewed": stamp}) + "\n").encode()
 
     def _put(self, **condition) -> None:
         out = self.fs.pipe_file(self.path, self._body(), **condition)
