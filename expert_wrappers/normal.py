@@ -115,7 +115,7 @@ class NormalExpert(TorchExpert):
         from the uint8 one by at most one grey level: the uint8 kernel rounds)."""
         xs = []
         for t in self.to_device_many(images):
-            x = t.contiguous()[None].float()  # NCHW first (see DPTExpert.preprocess)
+            x = t[None].float()
             if tuple(x.shape[-2:]) != tuple(key):
                 x = F.interpolate(x, size=key, mode="bilinear", align_corners=False, antialias=True)
             xs.append(x)
