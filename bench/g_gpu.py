@@ -355,6 +355,7 @@ VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes (per task:
     ("pin_memory_off (a pageable copy per image)", {}, {"pin_memory": False}, False),
     ("seg channels_last", {}, {"seg": {"memory_format": "channels_last"}}, False),
     ("seg bf16", {}, {"seg": {"precision": "bf16", "memory_format": "channels_last"}}, False),
+    ("seg tf32", {}, {"seg": {"precision": "tf32"}}, False),
 ]
 # measured on an H100 in run 3 (one shard of 256, samples/s; seg fp32 channels_last, no graphs,
 # pinned ring): default 20.0, per-image pageable uploads 19.2, seg NCHW 21.4, cudnn.benchmark 19.7,

@@ -136,6 +136,19 @@ def same_size_runs(sizes: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, in
     return list(groups.items())
 
 
+def rows(t: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """``t[positions]`` (ascending positions) without an index tensor. A Python list as an index
+    becomes a host tensor that torch copies to the device from pageable memory, which
+    synchronises the stream: queuing a batch then waited for the forward just queued, and the GPU
+    idled while the host prepared the next batch (H100, bench G1: 1.5 such waits per batch of
+    depth maps, wrapper / bare 0.62). Slices and one ``cat`` queue without waiting."""
+    positions = list(positions)
+    first, last = positions[0], positions[-1]
+    if positions == list(range(first, last + 1)):
+        return t if (first, last + 1) == (0, t.shape[0]) else t[first:last + 1]
+    return torch.cat([t[j:j + 1] for j in positions])
+
+
 def fixed_input_shapes(shapes, multiple: int) -> tuple[tuple[int, int], ...] | None:
     """Validates an expert's ``input_shapes`` option: (h, w) pairs, multiples of ``multiple``."""
     if shapes is None:
@@ -428,7 +441,7 @@ class TorchExpert(Expert):
         y = self.run_forward(self.channels_last(self.padded(self.preprocess(images, key))))[:len(images)]
         entries = []
         for hw, pos in same_size_runs(sizes):
-            part = y if len(pos) == len(images) else y[pos]
+            part = rows(y, pos)
             entries += [(kind, t, pos) for kind, t in self.postprocess(part, hw).items()]
         return entries
 

@@ -15,6 +15,7 @@ from expert_wrappers import build_expert, build_experts
 from pipeline import labels
 from pipeline.shards import Sample, iter_samples, tar_bytes
 from pipeline.worker import WorkerConfig, process_shard
+from tests.guards import NoHostSync
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -98,6 +99,41 @@ def test_device_path_calls_no_cpu_only_kernel(sample_dir):
     seen = {name for name, _ in guard.ops}
     # the guard saw the resizes it is about, so an empty list means something
     assert {"aten._upsample_bilinear2d_aa", "aten.upsample_bicubic2d", "aten.bincount"} <= seen
+
+
+def test_queuing_a_batch_never_waits_for_the_device(sample_dir):
+    """Depth and normals queue a batch (upload, resize, forward, maps at each label size, codes,
+    the copy to the host) without one op that would make the host wait for a CUDA device. A
+    bucket holds images of one network input shape but of several label sizes; picking an
+    interleaved size's rows with a list index was such a wait on an H100 (1.5 per batch: the GPU
+    then idled while the host prepared the next batch). The labels are those of each image alone."""
+    from expert_wrappers._torch import rows
+
+    with NoHostSync(index_tensors=True), pytest.raises(AssertionError, match="host wait"):  # the guard sees it
+        torch.zeros(3, 2)[[0, 2]]
+    t = torch.arange(10.0).view(5, 2)
+    for pos in ([0, 1, 2, 3, 4], [1, 2], [0, 2, 3], [4]):
+        with NoHostSync(index_tensors=True):
+            picked = rows(t, pos)
+        assert torch.equal(picked, t[pos])
+    photo = sample_images(sample_dir, 1)[0]
+    h, w = photo.shape[:2]
+    # one input shape for both experts, two label sizes, the first size's rows not adjacent
+    images = [photo[:h - 4, :w - 4], photo[:h - 2, :w - 2], photo[2:h - 2, 2:w - 2]]
+    sizes = label_sizes(images)
+    assert sizes[0] == sizes[2] != sizes[1]
+    for task in ("depth", "normal"):
+        e = build_expert(task, "smoke", max_batch=4, pad_batches=True, pin_memory=True)
+        e.device_codes = True
+        assert len({e.batch_key(im.shape[:2]) for im in images}) == 1
+        alone = [e.predict([im], [hw])[0] for im, hw in zip(images, sizes)]  # also makes the per-device tables
+        with NoHostSync(index_tensors=True):
+            finish = e.predict_deferred(images, sizes)
+        for hw, got, want in zip(sizes, finish(), alone):
+            assert got.keys() == want.keys()
+            for k in got:
+                assert got[k].shape == hw
+                np.testing.assert_array_equal(got[k].codes, want[k].codes, err_msg=f"{task} {k}")
 
 
 def test_upload_ring_stages_a_batch_in_one_copy_and_reuses_its_buffers():

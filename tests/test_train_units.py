@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline import labels as L
 from pipeline.shards import iter_records
 from pipeline.storage import write_tar_atomic
+from tests.guards import NoHostSync
 from trainer import data as D
 from trainer import losses, params
 
@@ -379,32 +380,12 @@ def test_sync_free_losses_equal_the_masked_formulation(grid, size):
         losses.seg_loss(torch.zeros(1, 81, 2, 2), torch.full((1, 4, 4), 90, dtype=torch.uint8))
 
 
-class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
-    """Fails on every op that makes the host wait for the device on CUDA: reading a value
-    (``.item()``, ``bool()``, ``int()``) or an op whose output size depends on the values."""
-
-    SYNCING = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
-               "aten::masked_select", "aten::masked_scatter", "aten::unique_consecutive", "aten::_unique",
-               "aten::_unique2", "aten::unique_dim", "aten::bincount", "aten::histc",
-               "aten::repeat_interleave", "aten::allclose"}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        boolean_index = name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
-        value_fill = name == "aten::masked_fill" and isinstance(args[2], torch.Tensor)  # .item() of the value on CUDA
-        if name in self.SYNCING or boolean_index or value_fill:
-            raise AssertionError(f"{func} makes the host wait for the device")
-        return func(*args, **kwargs)
-
-
 def test_dense_step_makes_no_host_sync():
     """Forward (CLIP towers, PSP, heads), the full objective and backward run without a single op
     that would make the host wait for a CUDA device (GPU.md: such syncs cost ~12 ms of a 110 ms step)."""
     from trainer.model import build_model
 
-    with _NoHostSync(), pytest.raises(AssertionError, match="host wait"):  # the guard sees what it must
+    with NoHostSync(), pytest.raises(AssertionError, match="host wait"):  # the guard sees what it must
         x = torch.randn(4)
         x[x > 0]
     cfg = params.load_config("smoke", overrides=["model.head_layers=1"])
@@ -418,7 +399,7 @@ def test_dense_step_makes_no_host_sync():
              "depth": torch.rand(B, H, W, generator=g), "normal_conf": torch.rand(B, H, W, generator=g),
              "normal": torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)}
     images, texts = torch.randn(B, 3, 96, 96, generator=g), torch.randint(1, 49000, (B, 77), generator=g)
-    with _NoHostSync():
+    with NoHostSync():
         loss, terms = crit(model(images, texts), batch)
         loss.backward()
     assert set(terms) == {"clip", "seg", "depth", "normal"}
