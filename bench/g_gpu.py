@@ -9,7 +9,7 @@ Experts: on CUDA the default architectures with seeded random weights (profile `
 ``maskrcnn_resnet50_fpn_v2`` with a classifier init that lets some detections pass 0.5, DPT with
 dpt-large's config, NLL-AngMF BN on EfficientNet-B5), ``max_batch`` 8, the job's defaults
 otherwise (seg fp32, depth and normal bf16 autocast, label codes on the device, padded batches,
-the deferred hand-over). Input: the sample's photos cycled into 2 shards of 256 (16 sizes, 7
+two batches queued per lane). Input: the sample's photos cycled into 2 shards of 256 (16 sizes, 7
 DPT/NLL input shapes).
 
 G1  per expert: samples/s of ``process_shard`` with that expert alone (worker order: buckets,
@@ -17,13 +17,14 @@ G1  per expert: samples/s of ``process_shard`` with that expert alone (worker or
     shape (each image costed at its own shape's full-batch time; seg: transform, backbone, RPN
     and ROI heads, without the paste). Goal >= 0.8. Also the first-use cost: the expert's
     ``warm_up`` over the images' shapes in a fresh process minus the same call once warm. Depth
-    and normals: the same job with ``pin_memory`` off (a pageable, stream-synchronising copy per
-    image) and the host-device synchronisations per batch (torch's sync debug mode); seg: its
+    and normals: the same job with the options of ``G1_VARIANTS`` (CUDA graphs off, ``pin_memory``
+    off: a pageable, stream-synchronising copy per image, 1 or 3 ``queued_batches``) and the
+    host-device synchronisations per batch (torch's sync debug mode); seg: its
     bare forward in NCHW, under cuDNN's autotuner, in TF32 and in bf16.
 G2  samples/s of ``process_shard`` with all three experts vs 1 / (sum of the bare per-image
     times). Goal >= 0.85, and >= 3 x 11.6 = 34.8 samples/s on an H100-class GPU (11.6: the job
     before issue 9's changes, ../shared/GPU.md). Variants of the job's options on one shard
-    (``VARIANTS``: uploads, hand-over, threads, seg memory format, cuDNN autotuner, seg precision)
+    (``VARIANTS``: uploads, queued batches, threads, seg memory format, cuDNN autotuner, seg precision)
     decide the defaults.
 G4  labels of the GPU path (bf16 autocast, codes on the device) vs the fp32 path (codes on the
     host) on the same images, as stored (encoded, decoded): seg pixel agreement, depth mean
@@ -228,17 +229,25 @@ def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
         if os.environ.get("BENCH_SEG_VARIANTS", "1") != "0":
             r["bare_variants_ms_per_image"] = _seg_bare_variants(s, e)
     else:
-        for name, attrs in (("cuda_graphs_off", {"cuda_graphs": False}), ("pin_memory_off", {"pin_memory": False})):
-            if not hasattr(e, next(iter(attrs))):
+        for name, attrs, cfg_kw in G1_VARIANTS:
+            if attrs and not hasattr(e, next(iter(attrs))):
                 continue
             with _set({task: e}, **attrs):
-                off = s.job({task: e}, s.worker(tasks=(task,)), name=f"g1-{task}-{name}")
+                off = s.job({task: e}, s.worker(tasks=(task,), **cfg_kw), name=f"g1-{task}-{name}")
             r[name] = {"wrapper_samples_per_s": off["samples_per_s"],
                        "ratio": round(off["samples_per_s"] / bare_rate, 4), "job_timing_s": off["timing_s"]}
             _log(f"G1 {task} with {name}: {off['samples_per_s']:.1f}/s -> {r[name]['ratio']:.3f}")
         r["syncs"] = count_syncs(s, {task: e}, s.worker(tasks=(task,)))
         _log(f"G1 {task}: {r['syncs']}")
     return r
+
+
+G1_VARIANTS = [  # depth and normals: (name, expert attribute changes, WorkerConfig changes)
+    ("cuda_graphs_off", {"cuda_graphs": False}, {}),
+    ("pin_memory_off", {"pin_memory": False}, {}),
+    ("queued_batches_1", {}, {"queued_batches": 1}),
+    ("queued_batches_3", {}, {"queued_batches": 3}),
+]
 
 
 def _seg_bare_variants(s: _Setup, e) -> dict:
@@ -356,6 +365,7 @@ VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes (per task:
     ("seg channels_last", {}, {"seg": {"memory_format": "channels_last"}}, False),
     ("seg bf16", {}, {"seg": {"precision": "bf16", "memory_format": "channels_last"}}, False),
     ("seg tf32", {}, {"seg": {"precision": "tf32"}}, False),
+    ("queued_batches 1", {"queued_batches": 1}, {}, False),
 ]
 # measured on an H100 in run 3 (one shard of 256, samples/s; seg fp32 channels_last, no graphs,
 # pinned ring): default 20.0, per-image pageable uploads 19.2, seg NCHW 21.4, cudnn.benchmark 19.7,

@@ -71,7 +71,8 @@ class WorkerConfig:
     batch_size: int = 8           # images per expert call (a bucket's size)
     window: int = 128             # decoded images a partial bucket may wait for more of its shape
     concurrent_experts: bool = False  # each expert on its own thread (and, on CUDA, stream)
-    deferred_handover: bool = True  # queue an expert's next batch before finishing its last one
+    queued_batches: int = 2       # batches a lane keeps queued on the device while the host finishes
+    #                               an earlier one (experts with predict_deferred, inline lanes); 0: none
     warm_up_sizes: tuple = ()     # image sizes whose input shapes each expert runs once at start
     decode_threads: int = 2       # 0: decode in the worker's own thread (one-core workers)
     encode_threads: int = 2       # 0: encode in the worker's own thread
@@ -93,6 +94,8 @@ class WorkerConfig:
             raise ValueError("batch_size must be >= 1")
         if self.window < 1:
             raise ValueError("window must be >= 1")
+        if self.queued_batches < 0:
+            raise ValueError("queued_batches must be >= 0 (0: each batch finished before the next is queued)")
         if self.decode_threads < 0 or self.encode_threads < 0:
             raise ValueError("decode_threads and encode_threads must be >= 0 (0: inline)")
 
@@ -244,19 +247,21 @@ class _Lane:
     ``batch_key`` (experts without one: a single bucket, source order), each run as one
     ``predict`` call on the lane's executor — inline, or the expert's own thread.
 
-    Inline, with an expert that has ``predict_deferred`` (the torch experts), a lane keeps one
-    batch in flight: it queues a batch's device work, then finishes the batch before it (waits
-    for its codes, builds the host objects). The host's part of one batch thus overlaps the
-    device's part of the next, and of the other experts' batches queued behind it, instead of
-    leaving the GPU idle at every hand-over."""
+    Inline, with an expert that has ``predict_deferred`` (the torch experts), a lane keeps
+    ``queued`` batches in flight: it queues a batch's device work, then finishes the oldest
+    batch beyond that many (waits for its codes, builds the host objects). The host's part of
+    one batch thus overlaps the device's part of the next ones, and of the other experts' batches
+    queued behind them, instead of leaving the GPU idle at every hand-over. Two rather than one:
+    buckets fill unevenly (a batch is ready only when eight images of one input shape have been
+    decoded), and one queued batch ran dry while the host read on (H100, bench G1: depth)."""
 
-    def __init__(self, expert, size: int, executor: cf.Executor, deferred: bool = True):
+    def __init__(self, expert, size: int, executor: cf.Executor, queued: int = 2):
         self.expert, self.size, self.executor = expert, size, executor
         self.key = getattr(expert, "batch_key", None)
         self.buckets: dict = {}
         self.seconds = 0.0  # inside predict; with concurrent lanes these overlap in wall time
-        self.deferred = deferred and isinstance(executor, _Inline) and hasattr(expert, "predict_deferred")
-        self.in_flight: _Deferred | None = None
+        self.queued = queued if isinstance(executor, _Inline) and hasattr(expert, "predict_deferred") else 0
+        self.in_flight: deque[_Deferred] = deque()
 
     def add(self, item: _Item) -> None:
         key = self.key(tuple(item.sample.image.shape[:2])) if self.key else None
@@ -273,11 +278,11 @@ class _Lane:
 
     def _run(self, items: list[_Item]) -> None:
         images, sizes = [it.sample.image for it in items], [it.label_hw for it in items]
-        if self.deferred:
+        if self.queued:
             fut = _Deferred(self._launch(images, sizes))
-            previous, self.in_flight = self.in_flight, fut
-            if previous is not None:
-                previous.result()
+            self.in_flight.append(fut)
+            while len(self.in_flight) > self.queued:
+                self.in_flight.popleft().result()
         else:
             fut = self.executor.submit(self._predict, images, sizes)
         for j, it in enumerate(items):
@@ -344,7 +349,7 @@ def _lanes(experts: dict, cfg: WorkerConfig):
                      for i, e in enumerate(unique.values())]
     else:
         executors = [_Inline() for _ in unique]
-    lanes = [_Lane(e, cfg.batch_size, x, cfg.deferred_handover) for e, x in zip(unique.values(), executors)]
+    lanes = [_Lane(e, cfg.batch_size, x, cfg.queued_batches) for e, x in zip(unique.values(), executors)]
     try:
         yield lanes
     finally:

@@ -326,37 +326,42 @@ def _uniform_shard(path: Path, n: int) -> Path:
     return path
 
 
-def test_deferred_handover_queues_the_next_batch_before_finishing_the_last(tmp_path):
-    """With ``deferred_handover`` a lane queues batch k + 1 before it finishes batch k, so the
-    host's part of k overlaps the device's part of k + 1; the output is what the plain path
-    writes, also when a batch fails at its hand-over (it is redone)."""
+def test_lanes_queue_batches_ahead_before_finishing_the_oldest(tmp_path):
+    """A lane keeps ``queued_batches`` batches queued (default 2) and finishes the oldest one
+    beyond them, so the host's part of batch k overlaps the device's part of k + 1 and k + 2; the
+    output is what the plain path (0: finish each batch at once) writes, also when a batch fails
+    at its hand-over (it is redone)."""
     src = _uniform_shard(tmp_path / "src" / "00000.tar", 7)
+    kw = dict(tasks=("depth",), profile="null", batch_size=2, window=8, torch_threads=1)
     rec = DeferredRecorder()
-    cfg = WorkerConfig(tasks=("depth",), profile="null", batch_size=2, window=8, torch_threads=1)
-    stats = process_shard(src, tmp_path / "deferred", {"depth": rec}, cfg)
+    stats = process_shard(src, tmp_path / "queued", {"depth": rec}, WorkerConfig(**kw))
     assert stats["ok"] == 7
-    assert rec.log == [("queue", 0), ("queue", 1), ("finish", 0), ("queue", 2), ("finish", 1),
+    assert rec.log == [("queue", 0), ("queue", 1), ("queue", 2), ("finish", 0), ("queue", 3),
+                       ("finish", 1), ("finish", 2), ("finish", 3)]
+    one = DeferredRecorder()
+    process_shard(src, tmp_path / "one", {"depth": one}, WorkerConfig(**kw, queued_batches=1))
+    assert one.log == [("queue", 0), ("queue", 1), ("finish", 0), ("queue", 2), ("finish", 1),
                        ("queue", 3), ("finish", 2), ("finish", 3)]
     plain = DeferredRecorder()
-    process_shard(src, tmp_path / "plain", {"depth": plain},
-                  WorkerConfig(tasks=("depth",), profile="null", batch_size=2, window=8, torch_threads=1,
-                               deferred_handover=False))
+    process_shard(src, tmp_path / "plain", {"depth": plain}, WorkerConfig(**kw, queued_batches=0))
     assert plain.log == [] and len(plain.calls) == 4  # predict only, one call per batch
     failing = DeferredRecorder(fail_finish=1)
-    stats = process_shard(src, tmp_path / "redone", {"depth": failing}, cfg)
+    stats = process_shard(src, tmp_path / "redone", {"depth": failing}, WorkerConfig(**kw))
     assert stats["ok"] == 7 and len(failing.calls) == 5  # batch 1 predicted again after its failure
-    read = {d: (tmp_path / d / "depth" / src.name).read_bytes() for d in ("deferred", "plain", "redone")}
-    assert read["deferred"] == read["plain"] == read["redone"]
+    read = {d: (tmp_path / d / "depth" / src.name).read_bytes() for d in ("queued", "one", "plain", "redone")}
+    assert read["queued"] == read["one"] == read["plain"] == read["redone"]
+    with pytest.raises(ValueError, match="queued_batches"):
+        WorkerConfig(**kw, queued_batches=-1)
 
 
-def test_deferred_handover_writes_the_same_bytes_with_the_torch_experts(sample_dir, tmp_path):
+def test_queued_batches_write_the_same_bytes_with_the_torch_experts(sample_dir, tmp_path):
     from tests.test_pipeline import small_shard, tree_files
 
     torch.set_num_threads(1)
     src = small_shard(sorted(sample_dir.glob("*.tar"))[1], tmp_path / "src" / "00001.tar", 4)
     experts = build_experts("seg,depth,normal", "smoke")
     kw = dict(profile="smoke", batch_size=2, window=4)
-    process_shard(src, tmp_path / "a", experts, WorkerConfig(**kw, deferred_handover=False))
+    process_shard(src, tmp_path / "a", experts, WorkerConfig(**kw, queued_batches=0))
     stats = process_shard(src, tmp_path / "b", experts, WorkerConfig(**kw))
     assert stats["ok"] == 4 and tree_files(tmp_path / "a") == tree_files(tmp_path / "b")
 
