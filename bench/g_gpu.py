@@ -9,16 +9,17 @@ Experts: on CUDA the default architectures with seeded random weights (profile `
 ``maskrcnn_resnet50_fpn_v2`` with a classifier init that lets some detections pass 0.5, DPT with
 dpt-large's config, NLL-AngMF BN on EfficientNet-B5), ``max_batch`` 8, the job's defaults
 otherwise (seg fp32, depth and normal bf16 autocast, label codes on the device, padded batches,
-two batches queued per lane). Input: the sample's photos cycled into 2 shards of 256 (16 sizes, 7
+the deferred hand-over). Input: the sample's photos cycled into 2 shards of 256 (16 sizes, 7
 DPT/NLL input shapes).
 
-G1  per expert: samples/s of ``process_shard`` with that expert alone (worker order: buckets,
-    padding, codes, decode/encode overlapped) vs its bare forward on full batches of one input
+G1  per expert: samples/s of ``process_shard`` with that expert alone on one shard of 1024 (worker
+    order: buckets, padding, codes, decode/encode overlapped; depth and normals also on the 2
+    shards of 256, where the per-shard start and end weigh 4 x more) vs its bare forward on full batches of one input
     shape (each image costed at its own shape's full-batch time; seg: transform, backbone, RPN
     and ROI heads, without the paste). Goal >= 0.8. Also the first-use cost: the expert's
     ``warm_up`` over the images' shapes in a fresh process minus the same call once warm. Depth
     and normals: the same job with the options of ``G1_VARIANTS`` (CUDA graphs off, ``pin_memory``
-    off: a pageable, stream-synchronising copy per image, 1 or 3 ``queued_batches``) and the
+    off: a pageable, stream-synchronising copy per image, 2 ``queued_batches``) and the
     host-device synchronisations per batch (torch's sync debug mode); seg: its
     bare forward in NCHW, under cuDNN's autotuner, in TF32 and in bf16.
 G2  samples/s of ``process_shard`` with all three experts vs 1 / (sum of the bare per-image
@@ -75,6 +76,11 @@ class _Setup:
         # ~10k images, so at 128 that tail weighed several times more than it does in the job
         n_shards, per_shard = (2, 6) if quick else (2, 256)
         self.shards = make_shards(Path(sample_dir), tmp / "src", n_shards, per_shard)
+        # G1's jobs: one shard of 1024. A shard costs its worker a fixed ~60 ms with the GPU idle
+        # (H100, profiled depth lane: decoding until the first bucket is full, then after the last
+        # forward the encodes, the writes and the commit); CC3M's shards of ~10k images pay that
+        # once per ~4 s of depth forwards, shards of 256 once per 0.56 s
+        self.long_shard = make_shards(Path(sample_dir), tmp / "src-long", 1, 12 if quick else 1024)[0]
         self.images = [s.image for p in self.shards for s in iter_samples(p) if isinstance(s, Sample)]
         self.batch = 2 if quick else 8
         self.options = {t: {"max_batch": self.batch} for t in TASKS}
@@ -206,9 +212,9 @@ def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
     if getattr(e, "cuda_graphs", False):
         with _set({task: e}, cuda_graphs=False):
             eager = bare_seconds_per_image(s, task, e)
-    job = s.job({task: e}, s.worker(tasks=(task,)), name=f"g1-{task}")
+    job = s.job({task: e}, s.worker(tasks=(task,)), shards=[s.long_shard], name=f"g1-{task}")
     bare_rate = 1.0 / bare["seconds_per_image"]
-    r = {"ratio": round(job["samples_per_s"] / bare_rate, 4),
+    r = {"ratio": round(job["samples_per_s"] / bare_rate, 4), "shard_images": job["samples"],
          "wrapper_samples_per_s": job["samples_per_s"], "bare_samples_per_s": round(bare_rate, 3),
          "bare_ms_per_image": round(bare["seconds_per_image"] * 1e3, 3),
          "bare_ms_per_image_by_shape": bare["ms_per_image_by_shape"], "input_shapes": bare["shapes"],
@@ -229,11 +235,16 @@ def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
         if os.environ.get("BENCH_SEG_VARIANTS", "1") != "0":
             r["bare_variants_ms_per_image"] = _seg_bare_variants(s, e)
     else:
+        short = s.job({task: e}, s.worker(tasks=(task,)), name=f"g1-{task}-256")
+        r["shards_of_256"] = {"ratio": round(short["samples_per_s"] / bare_rate, 4),
+                              "wrapper_samples_per_s": short["samples_per_s"], "shards": len(s.shards)}
+        _log(f"G1 {task} on shards of 256: {short['samples_per_s']:.1f}/s -> {r['shards_of_256']['ratio']:.3f}")
         for name, attrs, cfg_kw in G1_VARIANTS:
             if attrs and not hasattr(e, next(iter(attrs))):
                 continue
             with _set({task: e}, **attrs):
-                off = s.job({task: e}, s.worker(tasks=(task,), **cfg_kw), name=f"g1-{task}-{name}")
+                off = s.job({task: e}, s.worker(tasks=(task,), **cfg_kw), shards=[s.long_shard],
+                            name=f"g1-{task}-{name}")
             r[name] = {"wrapper_samples_per_s": off["samples_per_s"],
                        "ratio": round(off["samples_per_s"] / bare_rate, 4), "job_timing_s": off["timing_s"]}
             _log(f"G1 {task} with {name}: {off['samples_per_s']:.1f}/s -> {r[name]['ratio']:.3f}")
@@ -245,8 +256,7 @@ def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
 G1_VARIANTS = [  # depth and normals: (name, expert attribute changes, WorkerConfig changes)
     ("cuda_graphs_off", {"cuda_graphs": False}, {}),
     ("pin_memory_off", {"pin_memory": False}, {}),
-    ("queued_batches_1", {}, {"queued_batches": 1}),
-    ("queued_batches_3", {}, {"queued_batches": 3}),
+    ("queued_batches_2", {}, {"queued_batches": 2}),
 ]
 
 
@@ -365,7 +375,7 @@ VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes (per task:
     ("seg channels_last", {}, {"seg": {"memory_format": "channels_last"}}, False),
     ("seg bf16", {}, {"seg": {"precision": "bf16", "memory_format": "channels_last"}}, False),
     ("seg tf32", {}, {"seg": {"precision": "tf32"}}, False),
-    ("queued_batches 1", {"queued_batches": 1}, {}, False),
+    ("queued_batches 2", {"queued_batches": 2}, {}, False),
 ]
 # measured on an H100 in run 3 (one shard of 256, samples/s; seg fp32 channels_last, no graphs,
 # pinned ring): default 20.0, per-image pageable uploads 19.2, seg NCHW 21.4, cudnn.benchmark 19.7,

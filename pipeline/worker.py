@@ -71,7 +71,7 @@ class WorkerConfig:
     batch_size: int = 8           # images per expert call (a bucket's size)
     window: int = 128             # decoded images a partial bucket may wait for more of its shape
     concurrent_experts: bool = False  # each expert on its own thread (and, on CUDA, stream)
-    queued_batches: int = 2       # batches a lane keeps queued on the device while the host finishes
+    queued_batches: int = 1       # batches a lane keeps queued on the device while the host finishes
     #                               an earlier one (experts with predict_deferred, inline lanes); 0: none
     warm_up_sizes: tuple = ()     # image sizes whose input shapes each expert runs once at start
     decode_threads: int = 2       # 0: decode in the worker's own thread (one-core workers)
@@ -250,12 +250,12 @@ class _Lane:
     Inline, with an expert that has ``predict_deferred`` (the torch experts), a lane keeps
     ``queued`` batches in flight: it queues a batch's device work, then finishes the oldest
     batch beyond that many (waits for its codes, builds the host objects). The host's part of
-    one batch thus overlaps the device's part of the next ones, and of the other experts' batches
-    queued behind them, instead of leaving the GPU idle at every hand-over. Two rather than one:
-    buckets fill unevenly (a batch is ready only when eight images of one input shape have been
-    decoded), and one queued batch ran dry while the host read on (H100, bench G1: depth)."""
+    one batch thus overlaps the device's part of the next one(s), and of the other experts'
+    batches queued behind them, instead of leaving the GPU idle at every hand-over. One is
+    enough: with one, a profiled depth lane kept an H100 busy 96 % of the time from its first
+    forward to its last, and 2 or 3 measured no faster (bench G1/G2 variants)."""
 
-    def __init__(self, expert, size: int, executor: cf.Executor, queued: int = 2):
+    def __init__(self, expert, size: int, executor: cf.Executor, queued: int = 1):
         self.expert, self.size, self.executor = expert, size, executor
         self.key = getattr(expert, "batch_key", None)
         self.buckets: dict = {}

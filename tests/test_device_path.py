@@ -327,29 +327,29 @@ def _uniform_shard(path: Path, n: int) -> Path:
 
 
 def test_lanes_queue_batches_ahead_before_finishing_the_oldest(tmp_path):
-    """A lane keeps ``queued_batches`` batches queued (default 2) and finishes the oldest one
-    beyond them, so the host's part of batch k overlaps the device's part of k + 1 and k + 2; the
-    output is what the plain path (0: finish each batch at once) writes, also when a batch fails
-    at its hand-over (it is redone)."""
+    """A lane keeps ``queued_batches`` batches queued (default 1) and finishes the oldest one
+    beyond them, so the host's part of batch k overlaps the device's part of k + 1 (and k + 2
+    with 2); the output is what the plain path (0: finish each batch at once) writes, also when a
+    batch fails at its hand-over (it is redone)."""
     src = _uniform_shard(tmp_path / "src" / "00000.tar", 7)
     kw = dict(tasks=("depth",), profile="null", batch_size=2, window=8, torch_threads=1)
-    rec = DeferredRecorder()
-    stats = process_shard(src, tmp_path / "queued", {"depth": rec}, WorkerConfig(**kw))
-    assert stats["ok"] == 7
-    assert rec.log == [("queue", 0), ("queue", 1), ("queue", 2), ("finish", 0), ("queue", 3),
-                       ("finish", 1), ("finish", 2), ("finish", 3)]
     one = DeferredRecorder()
-    process_shard(src, tmp_path / "one", {"depth": one}, WorkerConfig(**kw, queued_batches=1))
+    stats = process_shard(src, tmp_path / "one", {"depth": one}, WorkerConfig(**kw))
+    assert stats["ok"] == 7
     assert one.log == [("queue", 0), ("queue", 1), ("finish", 0), ("queue", 2), ("finish", 1),
                        ("queue", 3), ("finish", 2), ("finish", 3)]
+    two = DeferredRecorder()
+    process_shard(src, tmp_path / "two", {"depth": two}, WorkerConfig(**kw, queued_batches=2))
+    assert two.log == [("queue", 0), ("queue", 1), ("queue", 2), ("finish", 0), ("queue", 3),
+                       ("finish", 1), ("finish", 2), ("finish", 3)]
     plain = DeferredRecorder()
     process_shard(src, tmp_path / "plain", {"depth": plain}, WorkerConfig(**kw, queued_batches=0))
     assert plain.log == [] and len(plain.calls) == 4  # predict only, one call per batch
     failing = DeferredRecorder(fail_finish=1)
     stats = process_shard(src, tmp_path / "redone", {"depth": failing}, WorkerConfig(**kw))
     assert stats["ok"] == 7 and len(failing.calls) == 5  # batch 1 predicted again after its failure
-    read = {d: (tmp_path / d / "depth" / src.name).read_bytes() for d in ("queued", "one", "plain", "redone")}
-    assert read["queued"] == read["one"] == read["plain"] == read["redone"]
+    read = {d: (tmp_path / d / "depth" / src.name).read_bytes() for d in ("one", "two", "plain", "redone")}
+    assert read["one"] == read["two"] == read["plain"] == read["redone"]
     with pytest.raises(ValueError, match="queued_batches"):
         WorkerConfig(**kw, queued_batches=-1)
 
