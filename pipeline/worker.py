@@ -252,8 +252,7 @@ class _Lane:
     batch beyond that many (waits for its codes, builds the host objects). The host's part of
     one batch thus overlaps the device's part of the next one(s), and of the other experts'
     batches queued behind them, instead of leaving the GPU idle at every hand-over. One is
-    enough: with one, a profiled depth lane kept an H100 busy 96 % of the time from its first
-    forward to its last, and 2 or 3 measured no faster (bench G1/G2 variants)."""
+    enough: 2 or 3 measured no faster on an H100 (bench G1/G2 variants, run 8)."""
 
     def __init__(self, expert, size: int, executor: cf.Executor, queued: int = 1):
         self.expert, self.size, self.executor = expert, size, executor
