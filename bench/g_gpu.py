@@ -20,7 +20,8 @@ G1  per expert: samples/s of ``process_shard`` with that expert alone on one sha
     ``warm_up`` over the images' shapes in a fresh process minus the same call once warm. Depth
     and normals: the same job with the options of ``G1_VARIANTS`` (CUDA graphs off, ``pin_memory``
     off: a pageable, stream-synchronising copy per image, 2 ``queued_batches``) and the
-    host-device synchronisations per batch (torch's sync debug mode); seg: its
+    host-device synchronisations per batch (torch's sync debug mode) and where one profiled
+    shard of 96 left the GPU idle (``lane_timeline``); seg: its
     bare forward in NCHW, under cuDNN's autotuner, in TF32 and in bf16.
 G2  samples/s of ``process_shard`` with all three experts vs 1 / (sum of the bare per-image
     times). Goal >= 0.85, and >= 3 x 11.6 = 34.8 samples/s on an H100-class GPU (11.6: the job
@@ -250,7 +251,92 @@ def _g1_expert(s: _Setup, task: str, e, sizes) -> dict:
             _log(f"G1 {task} with {name}: {off['samples_per_s']:.1f}/s -> {r[name]['ratio']:.3f}")
         r["syncs"] = count_syncs(s, {task: e}, s.worker(tasks=(task,)))
         _log(f"G1 {task}: {r['syncs']}")
+        try:
+            r["timeline"] = lane_timeline(s, task, e)
+        except Exception as ex:  # noqa: BLE001 - a diagnostic: never costs G1 its figure
+            r["timeline"] = {"error": f"{type(ex).__name__}: {ex}"}
+        _log(f"G1 {task} timeline: {r['timeline']}")
     return r
+
+
+def gpu_idle(events: list[dict], min_gap_us: float = 50.0) -> dict:
+    """Where a profiled job left the GPU idle, from a chrome trace's complete ("X") events: the
+    ``JOB`` annotation spans ``process_shard``; ``LAUNCH`` / ``FINISH`` span each batch's queuing
+    and its hand-over; kernels, copies and memsets are the GPU's work. Returns the GPU's busy time
+    (union of its intervals), the idle time before the first and after the last of them within the
+    job, the gaps of at least ``min_gap_us`` between them and how much of those the host spent
+    queuing or finishing a batch (milliseconds)."""
+    def spans(pred):
+        return sorted((x["ts"], x["ts"] + x["dur"]) for x in events if x.get("ph") == "X" and pred(x))
+
+    device = spans(lambda x: x.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    host = {n: spans(lambda x, n=n: x.get("name") == n and x.get("cat") == "user_annotation")
+            for n in ("JOB", "LAUNCH", "FINISH")}
+    if not device or not host["JOB"]:
+        return {"skipped": "no GPU activity or no JOB annotation in the trace"}
+    busy, gaps = 0.0, []
+    start, end = device[0]
+    for a, b in device[1:]:
+        if a > end:
+            busy += end - start
+            if a - end >= min_gap_us:
+                gaps.append((end, a))
+            start, end = a, b
+        else:
+            end = max(end, b)
+    busy += end - start
+    job_start, job_end = host["JOB"][0]
+
+    def overlap(gap, intervals):
+        return sum(max(0.0, min(gap[1], b) - max(gap[0], a)) for a, b in intervals)
+
+    ms = lambda us: round(us / 1e3, 2)  # noqa: E731
+    return {"job_ms": ms(job_end - job_start), "gpu_busy_ms": ms(busy),
+            "idle_before_first_ms": ms(device[0][0] - job_start), "idle_after_last_ms": ms(job_end - device[-1][1]),
+            "gaps": len(gaps), "gap_ms": ms(sum(b - a for a, b in gaps)),
+            "gap_ms_while_host": {n.lower(): ms(sum(overlap(g, host[n]) for g in gaps)) for n in ("LAUNCH", "FINISH")},
+            "batches": len(host["LAUNCH"])}
+
+
+def lane_timeline(s: _Setup, task: str, e, n: int = 96) -> dict:
+    """``gpu_idle`` of ``process_shard`` with this expert alone on one shard of ``n`` images (its
+    shapes warmed first), under torch.profiler. How run 9 found that a depth lane keeps the GPU
+    busy between its first and last forward and loses its time at the shard's start and end."""
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from bench.p2_p3_p6_job import make_shards
+
+    if not s.cuda:
+        return {"skipped": "CUDA only"}
+    shard = make_shards(Path(s.tmp / "src"), s.tmp / f"timeline-{task}", 1, n)[0]
+    queue = type(e).predict_deferred.__get__(e)
+
+    def annotated(images, sizes=None):
+        with record_function("LAUNCH"):
+            finish = queue(images, sizes)
+
+        def done():
+            with record_function("FINISH"):
+                return finish()
+        return done
+
+    e.predict_deferred = annotated
+    try:
+        s.job({task: e}, s.worker(tasks=(task,)), shards=[shard], name="timeline-warm")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with record_function("JOB"):
+                s.job({task: e}, s.worker(tasks=(task,)), shards=[shard], name="timeline")
+            torch.cuda.synchronize(s.device)
+    finally:
+        del e.predict_deferred
+    trace = s.tmp / f"timeline-{task}.json"
+    prof.export_chrome_trace(str(trace))
+    out = gpu_idle(json.loads(trace.read_text())["traceEvents"])
+    trace.unlink()
+    return {"images": n, **out}
 
 
 G1_VARIANTS = [  # depth and normals: (name, expert attribute changes, WorkerConfig changes)

@@ -562,3 +562,24 @@ def test_cpu_experts_run_eagerly_in_nchw_and_say_so():
         assert torch.equal(e.run_forward(x), e.forward(x))
     with pytest.raises(ValueError, match="memory_format"):
         build_expert("depth", "smoke", memory_format="nhwc")
+
+
+def test_gpu_idle_reads_a_profiled_job_from_its_trace():
+    """The GPU bench's timeline (``bench.g_gpu.gpu_idle``): busy time is the union of the device's
+    intervals, idle time before the first and after the last is measured within the JOB span, and
+    only gaps of at least 50 us count, split by what the host was doing meanwhile."""
+    from bench.g_gpu import gpu_idle
+
+    def x(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [x("user_annotation", "JOB", 0, 1000),
+              x("kernel", "k1", 100, 200), x("kernel", "k2", 250, 100),  # overlapping: busy 100..350
+              x("gpu_memcpy", "c", 360, 40),                              # 10 us gap: not counted
+              x("kernel", "k3", 600, 300),                                # 200 us gap 400..600
+              x("user_annotation", "LAUNCH", 450, 100), x("user_annotation", "FINISH", 0, 50),
+              x("gpu_user_annotation", "LAUNCH", 0, 1000), {"ph": "i", "name": "marker", "ts": 5}]
+    got = gpu_idle(events)
+    assert got == {"job_ms": 1.0, "gpu_busy_ms": 0.59, "idle_before_first_ms": 0.1, "idle_after_last_ms": 0.1,
+                   "gaps": 1, "gap_ms": 0.2, "gap_ms_while_host": {"launch": 0.1, "finish": 0.0}, "batches": 1}
+    assert "skipped" in gpu_idle([x("user_annotation", "JOB", 0, 10)])
