@@ -153,7 +153,7 @@ def _bare_call(task: str, expert, batch: list[np.ndarray]):
                 m.roi_heads(feats, proposals, b.image_sizes)
         return call
     with torch.inference_mode():
-        x = expert.channels_last(expert.preprocess(batch, expert.batch_key(batch[0].shape[:2])))
+        x = expert.in_memory_format(expert.preprocess(batch, expert.batch_key(batch[0].shape[:2])))
 
     def call():
         with torch.inference_mode():
@@ -631,11 +631,8 @@ def _g4_expert(e, task: str, images, sizes) -> dict:
         if getattr(e, "cuda_graphs", False):  # graph replays vs eager forwards, default precision: identical?
             e.set_precision(old[0])
             graphed = e.predict(images, sizes)
-            e.cuda_graphs = False
-            try:
+            with _set({task: e}, cuda_graphs=False):
                 eager = e.predict(images, sizes)
-            finally:
-                e.cuda_graphs = True
             res["cuda_graphs_vs_eager"] = {"identical_maps": sum(
                 all(np.array_equal(_stored_values(k, g[k]), _stored_values(k, x[k])) for k in g if k in ("depth", "normal", "normal_conf"))
                 for g, x in zip(graphed, eager)), "images": len(images)}

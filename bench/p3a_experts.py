@@ -48,7 +48,7 @@ def _bare(task: str, expert, images: list[np.ndarray], idx: list[int]):
     if task == "seg":
         x = [expert.to_device(images[i]).float().div_(255.0) for i in idx]
         return x, expert.model
-    x = expert.channels_last(expert.padded(expert.preprocess([images[i] for i in idx],
+    x = expert.in_memory_format(expert.padded(expert.preprocess([images[i] for i in idx],
                                                               expert.batch_key(images[idx[0]].shape[:2]))))
     if task == "depth":
         from expert_wrappers.depth import dpt_forward

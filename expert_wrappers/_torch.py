@@ -360,20 +360,11 @@ class TorchExpert(Expert):
             return x
         return torch.cat([x, x[-1:].expand(self.max_batch - n, *x.shape[1:])])
 
-    def emit(self, kind: str, t: torch.Tensor):
-        """One output map: ``labels.Codes`` when ``device_codes`` is on, else a host numpy array."""
-        out: list[dict] = [{}]
-        self.emit_many([(kind, t[None], [0])], out)
-        return out[0][kind]
-
-    def emit_many(self, entries: Sequence[tuple[str, torch.Tensor, Sequence[int]]], out: list[dict]) -> None:
-        """``(kind, maps (B, H, W[, 3]), image indices)`` -> ``out[index][kind]``: ``labels.Codes``
-        (``device_codes``) or host arrays. Every entry crosses to the host in one copy."""
-        self.start_emit(entries)(out)
-
     def start_emit(self, entries: Sequence[tuple[str, torch.Tensor, Sequence[int]]]) -> Callable[[list[dict]], None]:
-        """``emit_many`` in two steps: the conversion and the copy to the host are queued on the
-        device now; the returned function waits for them and fills ``out``."""
+        """``(kind, maps (B, H, W[, 3]), image indices)`` -> ``out[index][kind]``: ``labels.Codes``
+        (``device_codes``) or host arrays, in two steps: the conversion and one copy of every entry
+        to the host are queued on the device now; the returned function waits for them and fills
+        ``out``."""
         from pipeline import labels_torch
 
         if self.device_codes:
@@ -388,7 +379,7 @@ class TorchExpert(Expert):
                     out[i][kind] = values[j]
         return finish
 
-    def channels_last(self, x: torch.Tensor) -> torch.Tensor:
+    def in_memory_format(self, x: torch.Tensor) -> torch.Tensor:
         """A network input in the model's memory format."""
         return x.contiguous(memory_format=_MEMORY_FORMAT[self.memory_format])
 
@@ -438,7 +429,7 @@ class TorchExpert(Expert):
         """One batch of equal ``key``: preprocess -> forward (padded) -> postprocess per output size.
         Returns ``(kind, maps (b, H, W[, 3]), positions in the batch)`` for the device maps; host
         values go straight into ``out`` (one dict per image)."""
-        y = self.run_forward(self.channels_last(self.padded(self.preprocess(images, key))))[:len(images)]
+        y = self.run_forward(self.in_memory_format(self.padded(self.preprocess(images, key))))[:len(images)]
         entries = []
         for hw, pos in same_size_runs(sizes):
             part = rows(y, pos)

@@ -302,11 +302,7 @@ class _Lane:
         def done() -> list[dict | Exception]:
             t1 = time.perf_counter()
             try:
-                preds = finish()
-                if len(preds) != len(images):
-                    raise RuntimeError(f"{type(self.expert).__name__}.predict returned {len(preds)} results "
-                                       f"for {len(images)} images")
-                return list(preds)
+                return _one_per_image(self.expert, finish(), images)
             except Exception:  # noqa: BLE001 - as above
                 return _predict(self.expert, images, sizes)
             finally:
@@ -486,15 +482,18 @@ def encode_maps(key: str, maps: dict, image_hw: tuple[int, int],
     return out, hist
 
 
+def _one_per_image(expert, preds, images: list) -> list:
+    """An expert's results as a list, refused unless there is one per image."""
+    if len(preds) != len(images):
+        raise RuntimeError(f"{type(expert).__name__}.predict returned {len(preds)} results for {len(images)} images")
+    return list(preds)
+
+
 def _predict(expert, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[dict | Exception]:
     """Run a batch (maps at ``sizes``, the label resolution); if the batch raises, retry image by
     image so one bad image costs only itself."""
     try:
-        preds = expert.predict(images, sizes)
-        if len(preds) != len(images):
-            raise RuntimeError(f"{type(expert).__name__}.predict returned {len(preds)} results "
-                               f"for {len(images)} images")
-        return list(preds)
+        return _one_per_image(expert, expert.predict(images, sizes), images)
     except Exception:
         if len(images) == 1:
             import traceback
