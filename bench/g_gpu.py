@@ -26,7 +26,7 @@ G1  per expert: samples/s of ``process_shard`` with that expert alone on one sha
 G2  samples/s of ``process_shard`` with all three experts vs 1 / (sum of the bare per-image
     times). Goal >= 0.85, and >= 3 x 11.6 = 34.8 samples/s on an H100-class GPU (11.6: the job
     before issue 9's changes, ../shared/GPU.md). Variants of the job's options on one shard
-    (``VARIANTS``: uploads, queued batches, threads, seg memory format, cuDNN autotuner, seg precision)
+    (``VARIANTS``: CUDA graphs, uploads, seg memory format, seg precision, queued batches)
     decide the defaults.
 G4  labels of the GPU path (bf16 autocast, codes on the device) vs the fp32 path (codes on the
     host) on the same images, as stored (encoded, decoded): seg pixel agreement, depth mean
@@ -454,14 +454,14 @@ def g2(s: _Setup, experts: dict, bare_ms: dict) -> dict:
     return out
 
 
-VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes (per task: {task: {...}}), cudnn.benchmark)
-    ("default", {}, {}, False),
-    ("cuda_graphs_off", {}, {"cuda_graphs": False}, False),
-    ("pin_memory_off (a pageable copy per image)", {}, {"pin_memory": False}, False),
-    ("seg channels_last", {}, {"seg": {"memory_format": "channels_last"}}, False),
-    ("seg bf16", {}, {"seg": {"precision": "bf16", "memory_format": "channels_last"}}, False),
-    ("seg tf32", {}, {"seg": {"precision": "tf32"}}, False),
-    ("queued_batches 2", {"queued_batches": 2}, {}, False),
+VARIANTS = [  # (name, WorkerConfig changes, expert attribute changes (per task: {task: {...}}))
+    ("default", {}, {}),
+    ("cuda_graphs_off", {}, {"cuda_graphs": False}),
+    ("pin_memory_off (a pageable copy per image)", {}, {"pin_memory": False}),
+    ("seg channels_last", {}, {"seg": {"memory_format": "channels_last"}}),
+    ("seg bf16", {}, {"seg": {"precision": "bf16", "memory_format": "channels_last"}}),
+    ("seg tf32", {}, {"seg": {"precision": "tf32"}}),
+    ("queued_batches 2", {"queued_batches": 2}, {}),
 ]
 # measured on an H100 in run 3 (one shard of 256, samples/s; seg fp32 channels_last, no graphs,
 # pinned ring): default 20.0, per-image pageable uploads 19.2, seg NCHW 21.4, cudnn.benchmark 19.7,
@@ -477,15 +477,10 @@ def g2_variants(s: _Setup, experts: dict, budget_s: float, save) -> dict:
     """The job's options one at a time against the default, on the first shard; each variant is
     skipped once the run has used ``budget_s``."""
     out: dict = {}
-    import torch
-
-    for name, cfg_kw, attrs, cudnn_benchmark in VARIANTS:
+    for name, cfg_kw, attrs in VARIANTS:
         if s.elapsed() > budget_s:
             out[name] = {"skipped": f"time budget ({budget_s:.0f} s) spent"}
             continue
-        cfg_kw = {k: (s.batch if v is None else v) for k, v in cfg_kw.items()}
-        old = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = cudnn_benchmark
         try:
             with _set(experts, **attrs):
                 r = s.job(experts, s.worker(**cfg_kw), shards=s.shards[:1], name="variant")
@@ -494,8 +489,6 @@ def g2_variants(s: _Setup, experts: dict, budget_s: float, save) -> dict:
         except Exception as e:  # noqa: BLE001 - one variant must not hide the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             _log(f"G2 variant {name} failed: {e}")
-        finally:
-            torch.backends.cudnn.benchmark = old
         save(out)
     return out
 

@@ -46,7 +46,7 @@ def _batches(expert, images: list[np.ndarray]) -> list[list[int]]:
 def _bare(task: str, expert, images: list[np.ndarray], idx: list[int]):
     """The exact model input the wrapper builds for this batch, and the bare model call on it."""
     if task == "seg":
-        x = [expert.to_device(images[i]).float().div_(255.0) for i in idx]
+        x = [t.float().div_(255.0) for t in expert.to_device_many([images[i] for i in idx])]
         return x, expert.model
     x = expert.in_memory_format(expert.padded(expert.preprocess([images[i] for i in idx],
                                                               expert.batch_key(images[idx[0]].shape[:2]))))

@@ -154,7 +154,7 @@ def _table(results: dict) -> None:
     print(f"wrote {RESULTS}")
 
 
-def _args(argv: list[str]) -> tuple[list[str] | None, str | None]:
+def _args(argv: list[str]) -> tuple[list[str] | None, str | None, str | None]:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
